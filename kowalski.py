@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""Kowalski management CLI.
+
+Runs with the system Python (standard library only at this level): commands that need the
+project's packages first create `.venv` and install `requirements.txt` into it, then re-run
+themselves inside it.
+
+    ./kowalski.py up --local     # everything on this machine: embedded DB, Kafka, API on :4000
+    ./kowalski.py test           # the whole test suite (installs what it needs)
+    ./kowalski.py up|down|build  # Docker deployment (docker compose)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import os
+import secrets
+import shutil
+import string
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+VENV_PYTHON = VENV / "bin" / "python"
+REQUIREMENTS = ROOT / "requirements.txt"
+COMPOSE_FILE = ROOT / "docker-compose.yaml"
+COMPOSE_DEFAULTS = ROOT / "docker-compose.defaults.yaml"
+MIN_PYTHON = (3, 11)
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _requirements_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted([REQUIREMENTS, *(ROOT / "requirements").glob("*.txt")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_venv() -> None:
+    """Create .venv and install the pinned requirements when they changed (idempotent)."""
+    if sys.version_info < MIN_PYTHON:
+        fail(f"Python >= {'.'.join(map(str, MIN_PYTHON))} is required, this is {sys.version.split()[0]}")
+    stamp = VENV / ".requirements.sha256"
+    wanted = _requirements_digest()
+    if VENV_PYTHON.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return
+    if not VENV_PYTHON.exists():
+        print("creating virtual environment .venv", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    print("installing requirements into .venv (first run takes a few minutes)", flush=True)
+    pip = [str(VENV_PYTHON), "-m", "pip", "--disable-pip-version-check"]
+    for cmd in (
+        [*pip, "install", "-q", "--upgrade", "pip"],
+        [*pip, "install", "-q", "-r", str(REQUIREMENTS)],
+    ):
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            fail("installing the Python requirements failed (see pip's output above)")
+    stamp.write_text(wanted)
+
+
+def in_venv() -> bool:
+    return Path(sys.prefix).resolve() == VENV.resolve()
+
+
+def reexec_in_venv() -> None:
+    """Make sure the project's packages are importable: install them and re-run inside .venv."""
+    if in_venv():
+        return
+    ensure_venv()
+    os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+def git_version() -> str:
+    try:
+        short = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        short = ""
+    return f"+git{dt.datetime.now(dt.UTC):%Y%m%d}.{short}" if short else ""
+
+
+def write_version() -> str:
+    from kowalski.config import load_config
+
+    version = f"v{load_config().server.version}{git_version()}"
+    (ROOT / "version.txt").write_text(version + "\n")
+    return version
+
+
+def ensure_keyfile() -> None:
+    keyfile = ROOT / "mongo_key.yaml"
+    if not keyfile.exists():
+        alphabet = string.ascii_lowercase + string.digits
+        keyfile.write_text("".join(secrets.choice(alphabet) for _ in range(32)))
+        keyfile.chmod(0o400)
+
+
+def docker_compose() -> list[str]:
+    docker = shutil.which("docker")
+    if not docker:
+        fail(
+            "docker not found on PATH: install Docker (with the compose plugin), "
+            "or run './kowalski.py up --local' for the embedded setup without Docker"
+        )
+    probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        fail("'docker compose' is not available: install the Docker compose plugin")
+    if not COMPOSE_FILE.exists():
+        shutil.copy(COMPOSE_DEFAULTS, COMPOSE_FILE)
+        print(f"created {COMPOSE_FILE.name} from {COMPOSE_DEFAULTS.name}")
+    return [docker, "compose", "-f", str(COMPOSE_FILE)]
+
+
+def check_config() -> None:
+    """Validate config.defaults.yaml + config.yaml + environment; exit with the key at fault."""
+    from kowalski.config import ConfigError, load_config
+
+    try:
+        load_config()
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    reexec_in_venv()
+    check_config()
+    if args.local:
+        from kowalski.local import run_local
+
+        sys.exit(run_local(replay=not args.no_replay, detach=args.detach))
+    ensure_keyfile()
+    compose = docker_compose()
+    if args.build:
+        cmd_build(args)
+    sys.exit(subprocess.run([*compose, "up", "-d"], cwd=ROOT).returncode)
+
+
+def cmd_down(args: argparse.Namespace) -> None:
+    if args.local:
+        reexec_in_venv()
+        from kowalski.local import stop_local
+
+        sys.exit(stop_local())
+    sys.exit(subprocess.run([*docker_compose(), "down"], cwd=ROOT).returncode)
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    reexec_in_venv()
+    check_config()
+    version = write_version()
+    print(f"version.txt: {version}")
+    ensure_keyfile()
+    compose = docker_compose()
+    result = subprocess.run([*compose, "build"], cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(result.returncode)
+
+
+def cmd_test(args: argparse.Namespace) -> None:
+    reexec_in_venv()
+    pytest_args = args.pytest_args or ["tests"]
+    sys.exit(subprocess.run([sys.executable, "-m", "pytest", *pytest_args], cwd=ROOT).returncode)
+
+
+def cmd_seed(args: argparse.Namespace) -> None:
+    reexec_in_venv()
+    check_config()
+    from kowalski.seed import seed
+
+    sys.exit(seed(Path(args.source), drop=args.drop))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    reexec_in_venv()
+    sys.exit(subprocess.run([sys.executable, "-m", "bench", *args.bench_args], cwd=ROOT).returncode)
+
+
+def cmd_develop(args: argparse.Namespace) -> None:
+    reexec_in_venv()
+    for cmd in (["pip", "install", "-q", "pre-commit"], ["pre-commit", "install"]):
+        if subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT).returncode != 0:
+            fail(f"'{' '.join(cmd)}' failed")
+
+
+def cmd_lint(args: argparse.Namespace) -> None:
+    reexec_in_venv()
+    checks = [["ruff", "check", "."], ["ruff", "format", "--check", "."]]
+    codes = [subprocess.run([sys.executable, "-m", *c], cwd=ROOT).returncode for c in checks]
+    sys.exit(max(codes))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kowalski.py", description="Manage a Kowalski deployment (see README.md)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    up = sub.add_parser("up", help="start Kowalski (docker compose, or --local without Docker)")
+    up.add_argument("--build", action="store_true", help="build the images first")
+    up.add_argument(
+        "--local",
+        action="store_true",
+        help="run on this machine: embedded MongoDB-compatible server, local Kafka, API on :4000",
+    )
+    up.add_argument("--no-replay", action="store_true", help="(--local) do not replay bundled alerts")
+    up.add_argument("--detach", action="store_true", help="(--local) run in the background")
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="stop Kowalski")
+    down.add_argument("--local", action="store_true", help="stop a detached 'up --local'")
+    down.set_defaults(func=cmd_down)
+
+    build = sub.add_parser("build", help="write version.txt and build the Docker images")
+    build.set_defaults(func=cmd_build)
+
+    test = sub.add_parser("test", help="run the test suite (installs everything it needs)")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="arguments passed to pytest")
+    test.set_defaults(func=cmd_test)
+
+    seed = sub.add_parser("seed", help="load catalogs into the configured database")
+    seed.add_argument("source", nargs="?", default="data/catalogs", help="directory of catalogs")
+    seed.add_argument("--drop", action="store_true", help="drop each collection before loading")
+    seed.set_defaults(func=cmd_seed)
+
+    bench = sub.add_parser("bench", help="run the benchmarks (bench/)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench")
+    bench.set_defaults(func=cmd_bench)
+
+    develop = sub.add_parser("develop", help="install pre-commit hooks")
+    develop.set_defaults(func=cmd_develop)
+
+    lint = sub.add_parser("lint", help="ruff check + format check")
+    lint.set_defaults(func=cmd_lint)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""Configuration: `config.defaults.yaml` deep-merged with `config.yaml`, then environment overrides,
+validated once by a typed model. A wrong type or an unknown key raises `ConfigError` naming the key.
+
+Environment overrides (applied in this order, later wins):
+- ``KOWALSKI__<section>__<key>[__<key>...]=<YAML value>`` for any key,
+- ``MONGODB_URI`` -> ``database.uri``,
+- ``KAFKA_BOOTSTRAP_SERVERS`` -> ``kafka.bootstrap.servers`` and ``kafka.bootstrap.test.servers``,
+- ``KOWALSKI_JWT_SECRET_KEY``, ``KOWALSKI_ADMIN_PASSWORD``, ``SKYPORTAL_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS_FILE = ROOT / "config.defaults.yaml"
+USER_FILE = ROOT / "config.yaml"
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=False)
+
+
+class Contact(_Strict):
+    name: str
+    email: str
+
+
+class Server(_Strict):
+    name: str
+    version: str
+    description: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    processes: int = Field(ge=1)
+    max_requests: int = Field(ge=0)
+    timeout: int = Field(ge=1)
+    admin_username: str = Field(min_length=1)
+    admin_password: str = Field(min_length=1)
+    SECRET_KEY: str
+    JWT_SECRET_KEY: str = Field(min_length=1)
+    JWT_ALGORITHM: Literal["HS256", "HS384", "HS512"]
+    JWT_EXP_DELTA_SECONDS: int | None = Field(default=None, ge=1)
+    fernet_key: str
+    client_max_size: int = Field(ge=1024)
+    contact: Contact
+
+
+class ZTFMountain(_Strict):
+    mountain_ip: str | None = None
+    mountain_port: int | None = None
+    mountain_username: str | None = None
+    mountain_password: str | None = None
+    mountain_bind_ip: str = "127.0.0.1"
+    mountain_bind_port: int = 9999
+
+
+class Kafka(_Strict):
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        alias="default.topic.config.auto.offset.reset"
+    )
+    group: str = Field(min_length=1)
+    bootstrap_servers: str = Field(alias="bootstrap.servers", min_length=1)
+    bootstrap_test_servers: str = Field(alias="bootstrap.test.servers", min_length=1)
+    kafka_version: str
+    scala_version: str
+    processes_per_topic: dict[str, int]
+    topics: dict[str, str]
+
+
+class IndexSpec(_Strict):
+    name: str
+    fields: list[tuple[str, int | str]]
+    unique: bool = False
+
+
+class Database(_Strict):
+    uri: str | None = None
+    max_pool_size: int = Field(ge=1)
+    max_wired_tiger_cache: float | str | None = None
+    host: str
+    port: int = Field(ge=1, le=65535)
+    replica_set: str | None = None
+    db: str = Field(min_length=1)
+    admin_username: str
+    admin_password: str
+    username: str
+    password: str
+    srv: bool = False
+    build_indexes: bool = True
+    collections: dict[str, str]
+    indexes: dict[str, list[IndexSpec]]
+    filters: dict[str, list[dict[str, Any]]]
+    xmatch: dict[str, dict[str, XMatchCatalog]]
+
+    @field_validator("collections")
+    @classmethod
+    def _required_collections(cls, value: dict[str, str]) -> dict[str, str]:
+        missing = {"users", "filters", "alerts_ztf", "alerts_ztf_aux"} - set(value)
+        if missing:
+            raise ValueError(f"missing required collections: {sorted(missing)}")
+        return value
+
+
+class XMatchCatalog(_Strict):
+    cone_search_radius: float = Field(gt=0)
+    cone_search_unit: Literal["arcsec", "arcmin", "deg", "rad"]
+    filter: dict[str, Any] = {}
+    projection: dict[str, Any] = {}
+    use_distance: bool = False
+    distance_value: str | None = None
+    distance_method: Literal["redshift", "mpc"] | None = None
+    cm_at_distance: float | None = None
+    cm_low_distance: float | None = None
+
+
+class MLModel(_Strict):
+    triplet: bool
+    feature_names: list[str] | bool
+    version: str
+    order: list[Literal["features", "triplet"]] = ["features", "triplet"]
+    onnx: str | None = None
+    h5: str | None = None
+    feature_norms: dict[str, float] | None = None
+
+
+class InstrumentML(_Strict):
+    models: dict[str, MLModel] = {}
+
+
+class ML(_Strict):
+    backend: Literal["onnx", "tensorflow"]
+    models_path: str
+    ZTF: InstrumentML = InstrumentML()
+    PGIR: InstrumentML = InstrumentML()
+    WNTR: InstrumentML = InstrumentML()
+    TURBO: InstrumentML = InstrumentML()
+
+
+class SkyPortal(_Strict):
+    protocol: Literal["http", "https"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    username: str
+    token: str | None = None
+
+
+class Dask(_Strict):
+    scheduler_address: str | None = None
+    host: str
+    scheduler_port: int
+    dashboard_address: str | None
+    n_workers: int = Field(ge=1)
+    threads_per_worker: int = Field(ge=1)
+    lifetime: str | None = None
+    lifetime_stagger: str | None = None
+    lifetime_restart: bool = True
+
+
+class Ingester(_Strict):
+    batch_size: int = Field(ge=1)
+    batch_timeout_s: float = Field(gt=0)
+    filter_max_time_ms: int = Field(ge=1)
+
+
+class Misc(_Strict):
+    broker: bool
+    supported_penquins_versions: list[str]
+    max_time_ms: int = Field(ge=1)
+    logging_level: Literal["debug", "info", "warning", "error"]
+    openapi_validate: bool = False
+
+
+class Local(_Strict):
+    var_dir: str
+    mongo_port: int = Field(ge=1, le=65535)
+    kafka_port: int = Field(ge=1, le=65535)
+    kafka_controller_port: int = Field(ge=1, le=65535)
+
+
+class Enabled(_Strict):
+    ztf: bool = True
+    pgir: bool = False
+    wntr: bool = False
+    turbo: bool = False
+
+
+class Config(_Strict):
+    server: Server
+    ztf: ZTFMountain
+    kafka: Kafka
+    database: Database
+    ml: ML
+    skyportal: SkyPortal
+    dask: Dask
+    ingester: Ingester
+    misc: Misc
+    local: Local
+    enabled: Enabled
+
+    def path(self, relative: str) -> Path:
+        """Resolve a path from the config relative to the repository root."""
+        p = Path(relative)
+        return p if p.is_absolute() else ROOT / p
+
+
+Database.model_rebuild()
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return `base` updated recursively with `override` (neither is modified)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path.name}: not valid YAML: {exc}".replace("\n", " ")) from exc
+    if not isinstance(data, dict) or not isinstance(data.get("kowalski", {}), dict):
+        raise ConfigError(f"{path.name}: expected a mapping under the root key 'kowalski'")
+    return data.get("kowalski", {})
+
+
+def _set_dotted(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"environment override: {'.'.join(keys)} is not under a mapping")
+    node[keys[-1]] = value
+
+
+def env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """Collect configuration overrides from environment variables."""
+    tree: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if name.startswith("KOWALSKI__"):
+            keys = [k for k in name[len("KOWALSKI__") :].split("__") if k]
+            _set_dotted(tree, keys, yaml.safe_load(raw) if raw else None)
+    named = {
+        "MONGODB_URI": [["database", "uri"]],
+        "KAFKA_BOOTSTRAP_SERVERS": [
+            ["kafka", "bootstrap.servers"],
+            ["kafka", "bootstrap.test.servers"],
+        ],
+        "KOWALSKI_JWT_SECRET_KEY": [["server", "JWT_SECRET_KEY"]],
+        "KOWALSKI_ADMIN_PASSWORD": [["server", "admin_password"]],
+        "SKYPORTAL_TOKEN": [["skyportal", "token"]],
+    }
+    for env_name, targets in named.items():
+        if environ.get(env_name):
+            for keys in targets:
+                _set_dotted(tree, keys, environ[env_name])
+    return tree
+
+
+def _format_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"config error: unknown key kowalski.{key}"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"config error: kowalski.{key}: {first['msg']}{shown}{more}"
+
+
+def build_config(
+    files: list[Path] | None = None, environ: dict[str, str] | None = None
+) -> Config:
+    """Merge defaults, the given YAML files (default: config.yaml if present) and env, validate."""
+    merged = _read_yaml(DEFAULTS_FILE)
+    for path in files if files is not None else [USER_FILE]:
+        if path.exists():
+            merged = deep_merge(merged, _read_yaml(path))
+    merged = deep_merge(merged, env_overrides(dict(os.environ if environ is None else environ)))
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+@functools.cache
+def load_config() -> Config:
+    """The process-wide configuration (config.yaml + environment), validated once."""
+    extra = os.environ.get("KOWALSKI_CONFIG")
+    return build_config([Path(extra)] if extra else None)

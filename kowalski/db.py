@@ -1,0 +1,72 @@
+"""Database access: one URI, PyMongo's async client (successor of Motor), index management."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote_plus
+
+from pymongo import AsyncMongoClient, MongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.database import Database
+
+from kowalski.config import Config, IndexSpec
+
+Document = dict[str, Any]
+
+# collections users may never read or write through queries
+SYSTEM_COLLECTIONS = frozenset({"users", "filters", "queries", "dead_letters", "filter_runs"})
+
+
+def mongo_uri(cfg: Config) -> str:
+    """`database.uri` (env MONGODB_URI) if set, else built from host/port/credentials."""
+    db = cfg.database
+    if db.uri:
+        return db.uri
+    auth = ""
+    if db.admin_username and db.admin_password:
+        auth = f"{quote_plus(db.admin_username)}:{quote_plus(db.admin_password)}@"
+    if db.srv:
+        return f"mongodb+srv://{auth}{db.host}/?authSource=admin"
+    options = f"replicaSet={db.replica_set}" if db.replica_set else "directConnection=true"
+    return f"mongodb://{auth}{db.host}:{db.port}/?authSource=admin&{options}"
+
+
+def async_client(cfg: Config, **kwargs: Any) -> AsyncMongoClient[Document]:
+    return AsyncMongoClient(
+        mongo_uri(cfg), maxPoolSize=cfg.database.max_pool_size, tz_aware=False, **kwargs
+    )
+
+
+def sync_client(cfg: Config, **kwargs: Any) -> MongoClient[Document]:
+    return MongoClient(
+        mongo_uri(cfg), maxPoolSize=cfg.database.max_pool_size, tz_aware=False, **kwargs
+    )
+
+
+def system_collection_names(cfg: Config) -> frozenset[str]:
+    """Names (after config renaming) of the collections only admins may touch."""
+    keys = {"users", "filters", "queries", "dead_letters", "filter_runs"}
+    return frozenset(v for k, v in cfg.database.collections.items() if k in keys)
+
+
+def _index_keys(spec: IndexSpec) -> list[tuple[str, int | str]]:
+    return [(name, direction) for name, direction in spec.fields]
+
+
+async def ensure_indexes(db: AsyncDatabase[Document], cfg: Config, collection: str) -> list[str]:
+    """Create the configured indexes of `collection` (idempotent); return their names."""
+    created = []
+    for spec in cfg.database.indexes.get(collection, []):
+        created.append(
+            await db[collection].create_index(
+                _index_keys(spec), name=spec.name, unique=spec.unique
+            )
+        )
+    return created
+
+
+def ensure_indexes_sync(db: Database[Document], cfg: Config, collection: str) -> list[str]:
+    return [
+        db[collection].create_index(_index_keys(spec), name=spec.name, unique=spec.unique)
+        for spec in cfg.database.indexes.get(collection, [])
+    ]

@@ -1,0 +1,90 @@
+"""Session fixtures: real servers on 127.0.0.1, started by the project's own modules.
+
+- MongoDB wire: MONGODB_URI if set (e.g. a real mongod), else an embedded SecantusDB in a temp dir.
+- Kafka: KAFKA_BOOTSTRAP_SERVERS if set, else a local KRaft broker (jars from Maven Central).
+Nothing here mocks either server.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from kowalski.config import ROOT, Config, build_config
+from kowalski.services._process import free_port
+from kowalski.services.kafka import LocalKafka
+from kowalski.services.mongo import EmbeddedMongo
+
+DATA = ROOT / "data"
+ZTF_ALERTS = DATA / "ztf_alerts"
+OTHER_ALERTS = DATA / "other_alerts"
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("MONGODB_URI")
+    if external:
+        yield external
+        return
+    server = EmbeddedMongo(tmp_path_factory.mktemp("mongo") / "db", free_port()).start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    broker = LocalKafka(
+        tmp_path_factory.mktemp("kafka"),
+        port=free_port(),
+        controller_port=free_port(),
+        libs_cache=ROOT / "var" / "kafka-libs",
+    ).start()
+    try:
+        yield broker.bootstrap_servers
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def test_db_name() -> str:
+    """A database of its own per test session, so a real mongod is never clobbered."""
+    return f"kowalski_test_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def test_environ(mongo_uri: str, test_db_name: str) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("KOWALSKI")},
+        "MONGODB_URI": mongo_uri,
+        "KOWALSKI__database__db": test_db_name,
+        "KOWALSKI_JWT_SECRET_KEY": "test-" + uuid.uuid4().hex,
+    }
+
+
+@pytest.fixture(scope="session")
+def cfg(test_environ: dict[str, str]) -> Config:
+    return build_config([], test_environ)
+
+
+@pytest.fixture
+async def mongo(cfg: Config, mongo_uri: str) -> AsyncIterator[AsyncMongoClient]:
+    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def ztf_alert_files() -> list[Path]:
+    return sorted(ZTF_ALERTS.rglob("*.avro"))
