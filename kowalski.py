@@ -48,7 +48,9 @@ def _requirements_digest() -> str:
 def ensure_venv() -> None:
     """Create .venv and install the pinned requirements when they changed (idempotent)."""
     if sys.version_info < MIN_PYTHON:
-        fail(f"Python >= {'.'.join(map(str, MIN_PYTHON))} is required, this is {sys.version.split()[0]}")
+        fail(
+            f"Python >= {'.'.join(map(str, MIN_PYTHON))} is required, this is {sys.version.split()[0]}"
+        )
     stamp = VENV / ".requirements.sha256"
     wanted = _requirements_digest()
     if VENV_PYTHON.exists() and stamp.exists() and stamp.read_text() == wanted:
@@ -215,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run on this machine: embedded MongoDB-compatible server, local Kafka, API on :4000",
     )
-    up.add_argument("--no-replay", action="store_true", help="(--local) do not replay bundled alerts")
+    up.add_argument(
+        "--no-replay", action="store_true", help="(--local) do not replay bundled alerts"
+    )
     up.add_argument("--detach", action="store_true", help="(--local) run in the background")
     up.set_defaults(func=cmd_up)
 

@@ -283,9 +283,7 @@ def _format_error(exc: ValidationError) -> str:
     return f"config error: kowalski.{key}: {first['msg']}{shown}{more}"
 
 
-def build_config(
-    files: list[Path] | None = None, environ: dict[str, str] | None = None
-) -> Config:
+def build_config(files: list[Path] | None = None, environ: dict[str, str] | None = None) -> Config:
     """Merge defaults, the given YAML files (default: config.yaml if present) and env, validate."""
     merged = _read_yaml(DEFAULTS_FILE)
     for path in files if files is not None else [USER_FILE]:

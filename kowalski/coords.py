@@ -143,8 +143,7 @@ def great_circle_distance(ra1: Any, dec1: Any, ra2: Any, dec2: Any) -> np.ndarra
     """Angular distance in degrees (haversine; inputs in degrees, broadcastable)."""
     ra1, dec1, ra2, dec2 = (np.radians(np.asarray(x, float)) for x in (ra1, dec1, ra2, dec2))
     hav = (
-        np.sin((dec2 - dec1) / 2) ** 2
-        + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2) ** 2
+        np.sin((dec2 - dec1) / 2) ** 2 + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2) ** 2
     )
     return np.degrees(2 * np.arcsin(np.sqrt(np.clip(hav, 0.0, 1.0))))
 

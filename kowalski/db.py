@@ -58,9 +58,7 @@ async def ensure_indexes(db: AsyncDatabase[Document], cfg: Config, collection: s
     created = []
     for spec in cfg.database.indexes.get(collection, []):
         created.append(
-            await db[collection].create_index(
-                _index_keys(spec), name=spec.name, unique=spec.unique
-            )
+            await db[collection].create_index(_index_keys(spec), name=spec.name, unique=spec.unique)
         )
     return created
 

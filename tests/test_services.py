@@ -44,7 +44,14 @@ async def test_async_pymongo_crud_lookup_and_2dsphere(mongo: AsyncMongoClient) -
         await db.catalog.aggregate(
             [
                 {"$match": {"_id": {"$in": ["near", "far"]}}},
-                {"$lookup": {"from": "aux", "localField": "_id", "foreignField": "_id", "as": "aux"}},
+                {
+                    "$lookup": {
+                        "from": "aux",
+                        "localField": "_id",
+                        "foreignField": "_id",
+                        "as": "aux",
+                    }
+                },
                 {"$project": {"n": {"$size": "$aux"}}},
                 {"$sort": {"_id": 1}},
             ]
@@ -72,9 +79,8 @@ def test_embedded_mongo_restart_keeps_data(tmp_path: Path) -> None:
     with EmbeddedMongo(tmp_path / "db", port, sync_on_commit=True) as server:
         with MongoClient(server.uri) as client:
             client.k.c.insert_one({"_id": 1})
-    with EmbeddedMongo(tmp_path / "db", port) as server:
-        with MongoClient(server.uri) as client:
-            assert client.k.c.find_one({"_id": 1}) == {"_id": 1}
+    with EmbeddedMongo(tmp_path / "db", port) as server, MongoClient(server.uri) as client:
+        assert client.k.c.find_one({"_id": 1}) == {"_id": 1}
 
 
 def _consumer(bootstrap: str, group: str) -> Consumer:

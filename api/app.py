@@ -1,0 +1,105 @@
+"""The aiohttp application: `app_factory` is what gunicorn serves
+(`gunicorn --worker-class aiohttp.GunicornUVLoopWebWorker api.app:app_factory`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from pymongo.errors import DuplicateKeyError
+
+from api import classifications, cutouts, filters, openapi, queries, skymap, users
+from api.auth import UserCache, auth_post, hash_password
+from api.middlewares import auth_middleware, error_middleware
+from api.responses import success
+from kowalski.config import Config, load_config
+from kowalski.db import async_client, ensure_indexes
+
+log = logging.getLogger("kowalski.api")
+
+
+async def ping(request: web.Request) -> web.Response:
+    """GET /: ping."""
+    return success("greetings from Kowalski!")
+
+
+async def ensure_admin(app: web.Application) -> None:
+    cfg: Config = app["config"]
+    users_coll = app["db"][cfg.database.collections["users"]]
+    if await users_coll.find_one({"_id": cfg.server.admin_username}, {"_id": 1}):
+        return
+    try:
+        await users_coll.insert_one(
+            {
+                "_id": cfg.server.admin_username,
+                "email": cfg.server.contact.email,
+                "password": hash_password(cfg.server.admin_password),
+                "permissions": {},
+                "admin": True,
+                "last_modified": dt.datetime.now(dt.UTC).replace(tzinfo=None),
+            }
+        )
+    except DuplicateKeyError:
+        pass  # another gunicorn worker created it first
+
+
+async def database_context(app: web.Application) -> AsyncIterator[None]:
+    cfg: Config = app["config"]
+    client = async_client(cfg)
+    app["mongo"] = client
+    app["db"] = client[cfg.database.db]
+    await ensure_admin(app)
+    filters_coll = app["db"][cfg.database.collections["filters"]]
+    await filters_coll.create_index([("filter_id", 1)], name="filter_id", unique=True)
+    if cfg.database.build_indexes:
+        for key in ("skymaps", "alerts_ztf_classifications"):
+            await ensure_indexes(app["db"], cfg, cfg.database.collections[key])
+    yield
+    await client.close()
+
+
+def routes(app: web.Application) -> None:
+    app.router.add_get("/", ping)
+    app.router.add_post("/api/auth", auth_post)
+    app.router.add_get("/api/users", users.users_get)
+    app.router.add_post("/api/users", users.users_post)
+    app.router.add_put("/api/users/{username}", users.users_put)
+    app.router.add_delete("/api/users/{username}", users.users_delete)
+    app.router.add_post("/api/queries", queries.queries_post)
+    app.router.add_post("/api/filters", filters.filters_post)
+    app.router.add_patch("/api/filters", filters.filters_patch)
+    app.router.add_get(r"/api/filters/{filter_id:[0-9]+}", filters.filters_get)
+    app.router.add_delete(r"/api/filters/{filter_id:[0-9]+}", filters.filters_delete)
+    app.router.add_post(r"/api/filters/{filter_id:[0-9]+}/test", filters.filters_test)
+    app.router.add_get(
+        r"/api/cutouts/{survey}/{candid:[0-9]+}/{cutout}/{file_format}", cutouts.cutout_get
+    )
+    app.router.add_put("/api/classifications/{survey}", classifications.classifications_put)
+    app.router.add_delete("/api/classifications/{survey}", classifications.classifications_delete)
+    app.router.add_get(
+        r"/api/classifications/{survey}/{candid:[0-9]+}", classifications.classifications_get
+    )
+    app.router.add_put("/api/skymap", skymap.skymap_put)
+    app.router.add_get("/api/skymap", skymap.skymap_get)
+    app.router.add_delete("/api/skymap", skymap.skymap_delete)
+    app.router.add_get("/docs/api/", openapi.docs_page)
+    app.router.add_get("/docs/api", openapi.docs_page)
+    app.router.add_get("/docs/api/openapi.json", openapi.spec_json)
+
+
+async def app_factory(cfg: Config | None = None) -> web.Application:
+    cfg = cfg or load_config()
+    logging.basicConfig(
+        level=cfg.misc.logging_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=cfg.server.client_max_size
+    )
+    app["config"] = cfg
+    app["user_cache"] = UserCache()
+    app.cleanup_ctx.append(database_context)
+    routes(app)
+    return app

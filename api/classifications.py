@@ -1,0 +1,122 @@
+"""Classifications (human labels, ML scores) per alert: PUT/DELETE /api/classifications/{survey},
+GET /api/classifications/{survey}/{candid}. Authenticated (upstream left these open);
+writing needs an admin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pymongo import UpdateOne
+
+from api.auth import admin_required, current_user, read_body
+from api.responses import BadRequest, NotFound, success
+from kowalski.config import Config
+
+KINDS = ("human_labels", "ml_scores")
+
+
+def _collections(request: web.Request) -> tuple[Any, Any, str]:
+    cfg: Config = request.app["config"]
+    survey = request.match_info["survey"].lower()
+    names = cfg.database.collections
+    alerts, labels = names.get(f"alerts_{survey}"), names.get(f"alerts_{survey}_classifications")
+    if not alerts or not labels:
+        raise BadRequest(f"classifications are not configured for survey {survey!r}")
+    db = request.app["db"]
+    return db[alerts], db[labels], "objectid" if survey == "wntr" else "objectId"
+
+
+def scores(value: Any, field: str) -> dict[str, float]:
+    """{label: score} | [labels] | "a,b" -> {label: score}; lists/strings mean score 1.0."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, list):
+        value = dict.fromkeys(map(str, value), 1.0)
+    if not isinstance(value, dict):
+        raise BadRequest(f"{field} must be an object, a list or a comma-separated string")
+    out = {}
+    for label, score in value.items():
+        if isinstance(score, bool) or not isinstance(score, int | float):
+            raise BadRequest(f"{field}.{label} must be a number")
+        if "." in label or label.startswith("$"):
+            raise BadRequest(f"{field}: invalid label {label!r}")
+        out[label] = float(score)
+    return out
+
+
+def candids(body: dict[str, Any]) -> list[int]:
+    try:
+        return [int(c) for c in body]
+    except ValueError:
+        raise BadRequest("keys of the body must be candids (integers)") from None
+
+
+@admin_required
+async def classifications_put(request: web.Request) -> web.Response:
+    """PUT: `{candid: {human_labels, ml_scores}}`, merged into stored labels."""
+    alerts, labels, object_key = _collections(request)
+    body = await read_body(request)
+    ids = candids(body)
+    found = {
+        d["candid"]: d.get(object_key)
+        for d in await alerts.find({"candid": {"$in": ids}}, {"candid": 1, object_key: 1}).to_list()
+    }
+    missing = sorted(set(ids) - set(found))
+    if missing:
+        raise NotFound(f"candids not found: {missing}")
+    ops = []
+    for key, candid in zip(body, ids, strict=True):
+        entry = body[key]
+        if not isinstance(entry, dict) or not set(entry) <= set(KINDS):
+            raise BadRequest(f"{key} must be an object with keys among {list(KINDS)}")
+        update: dict[str, Any] = {object_key: found[candid]}
+        for kind in KINDS:
+            for label, score in scores(entry.get(kind, {}), f"{key}.{kind}").items():
+                update[f"{kind}.{label}"] = score
+        ops.append(UpdateOne({"_id": candid}, {"$set": update}, upsert=True))
+    if ops:
+        await labels.bulk_write(ops, ordered=False)
+    return success(f"updated classifications of {len(ops)} alerts")
+
+
+@admin_required
+async def classifications_delete(request: web.Request) -> web.Response:
+    """DELETE: `{candid: {human_labels: [labels], ml_scores: [labels]}}` removes those labels."""
+    _, labels, _ = _collections(request)
+    body = await read_body(request)
+    ops = []
+    for key, candid in zip(body, candids(body), strict=True):
+        entry = body[key]
+        if not isinstance(entry, dict):
+            raise BadRequest(f"{key} must be an object")
+        unset = {
+            f"{kind}.{label}": ""
+            for kind in KINDS
+            for label in (entry.get(kind) or [])
+            if isinstance(label, str)
+        }
+        if unset:
+            ops.append(UpdateOne({"_id": candid}, {"$unset": unset}))
+    if ops:
+        await labels.bulk_write(ops, ordered=False)
+    return success(f"deleted classifications of {len(ops)} alerts")
+
+
+async def classifications_get(request: web.Request) -> web.Response:
+    """GET /api/classifications/{survey}/{candid}."""
+    current_user(request)
+    _, labels, object_key = _collections(request)
+    candid = int(request.match_info["candid"])
+    doc = await labels.find_one({"_id": candid})
+    if doc is None:
+        raise NotFound(f"no classifications for candid {candid}")
+    return success(
+        "retrieved classifications",
+        {
+            "candid": candid,
+            object_key: doc.get(object_key),
+            "human_labels": doc.get("human_labels", {}),
+            "ml_scores": doc.get("ml_scores", {}),
+        },
+    )

@@ -1,0 +1,343 @@
+"""Filters API (admin only; SkyPortal/Fritz pushes filters here): versions, autosave,
+auto_followup, update_annotations, save-time test run, and test runs over archived alerts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import string
+from typing import Any
+
+from aiohttp import web
+from pymongo.errors import PyMongoError
+
+from api.auth import admin_required, read_body
+from api.responses import BadRequest, NotFound, success
+from api.safety import check_safe
+from kowalski.config import Config
+from kowalski.filtering import (
+    FilterError,
+    archive_pipeline,
+    full_pipeline,
+    is_programid_restricted,
+    parse_pipeline,
+    serialize_pipeline,
+)
+
+AUTOSAVE_KEYS = {"active", "comment", "ignore_group_ids", "pipeline", "saver_id"}
+AUTO_FOLLOWUP_KEYS = {
+    "active",
+    "comment",
+    "pipeline",
+    "allocation_id",
+    "payload",
+    "target_group_ids",
+    "ignore_allocation_ids",
+    "not_if_tns_reported",
+    "radius",
+    "validity_days",
+    "priority_order",
+    "implements_update",
+}
+SAVE_TEST_MAX_TIME_MS = 3000
+MAX_TEST_OBJECTS = 1000
+MAX_TEST_TIME_MS = 300_000
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def new_fid() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(6))
+
+
+def positive_int(body: dict[str, Any], key: str) -> int:
+    value = body.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest(f"{key} must be an integer >= 1")
+    return value
+
+
+def user_pipeline(value: Any, field: str = "pipeline") -> list[dict[str, Any]]:
+    try:
+        pipeline = parse_pipeline(value, field)
+    except FilterError as exc:
+        raise BadRequest(str(exc)) from None
+    check_safe(pipeline, field)
+    return pipeline
+
+
+def _filters(request: web.Request) -> Any:
+    cfg: Config = request.app["config"]
+    return request.app["db"][cfg.database.collections["filters"]]
+
+
+async def test_run(
+    request: web.Request,
+    catalog: str,
+    permissions: list[int],
+    pipeline: list[dict[str, Any]],
+    allow_empty: bool,
+) -> str:
+    """Run the full pipeline on the most recent alert of `catalog`: catches bad stages at save time."""
+    cfg: Config = request.app["config"]
+    coll = request.app["db"][catalog]
+    latest = await coll.find({}, {"candid": 1}).sort("_id", -1).limit(1).to_list()
+    if not latest:
+        if allow_empty:
+            return f"WARNING: No documents in {catalog} to test the filter on"
+        raise BadRequest(f"no documents in {catalog} to test the pipeline on")
+    full = full_pipeline(cfg, catalog, permissions, pipeline, [latest[0]["candid"]])
+    try:
+        await (
+            await coll.aggregate(full, allowDiskUse=False, maxTimeMS=SAVE_TEST_MAX_TIME_MS)
+        ).to_list()
+    except PyMongoError as exc:
+        detail = getattr(exc, "details", None) or {}
+        raise BadRequest(f"filter test run failed: {detail.get('errmsg', exc)}") from None
+    return "filter test run successful"
+
+
+async def check_options(
+    request: web.Request,
+    doc: dict[str, Any],
+    autosave: Any,
+    auto_followup: Any,
+) -> tuple[Any, Any]:
+    """Validate autosave / auto_followup; serialize and test-run their pipelines."""
+    catalog, permissions = doc["catalog"], doc["permissions"]
+    if isinstance(autosave, dict):
+        unknown = set(autosave) - AUTOSAVE_KEYS
+        if unknown:
+            raise BadRequest(
+                f"autosave has unknown keys {sorted(unknown)} (allowed: {sorted(AUTOSAVE_KEYS)})"
+            )
+        if "pipeline" in autosave:
+            pipeline = user_pipeline(autosave["pipeline"], "autosave.pipeline")
+            await test_run(request, catalog, permissions, pipeline, allow_empty=False)
+            autosave = {**autosave, "pipeline": serialize_pipeline(pipeline)}
+    elif not isinstance(autosave, bool):
+        raise BadRequest("autosave must be a boolean or an object")
+    if auto_followup:
+        if not isinstance(auto_followup, dict):
+            raise BadRequest("auto_followup must be an object")
+        autosave_on = autosave if isinstance(autosave, bool) else autosave.get("active", False)
+        if not autosave_on:
+            raise BadRequest("Cannot setup auto_followup without autosave enabled")
+        unknown = set(auto_followup) - AUTO_FOLLOWUP_KEYS
+        if unknown:
+            raise BadRequest(
+                f"auto_followup has unknown keys {sorted(unknown)} (allowed: {sorted(AUTO_FOLLOWUP_KEYS)})"
+            )
+        if "pipeline" not in auto_followup:
+            raise BadRequest("auto_followup.pipeline is required")
+        order = auto_followup.get("priority_order")
+        if order is not None:
+            if order not in ("asc", "desc"):
+                raise BadRequest("auto_followup.priority_order must be 'asc' or 'desc'")
+            clash = await _filters(request).find_one(
+                {
+                    "filter_id": {"$ne": doc["filter_id"]},
+                    "auto_followup.allocation_id": auto_followup.get("allocation_id"),
+                    "auto_followup.priority_order": {"$nin": [order, None]},
+                },
+                {"filter_id": 1},
+            )
+            if clash:
+                raise BadRequest(
+                    "Cannot add filter with auto_followup: other filters with the same allocation "
+                    "have priority_order set to a different value, which is unexpected"
+                )
+        pipeline = user_pipeline(auto_followup["pipeline"], "auto_followup.pipeline")
+        await test_run(request, catalog, permissions, pipeline, allow_empty=False)
+        auto_followup = {**auto_followup, "pipeline": serialize_pipeline(pipeline)}
+    return autosave, auto_followup or {}
+
+
+@admin_required
+async def filters_post(request: web.Request) -> web.Response:
+    """POST /api/filters: create a filter, or add a new version to an existing one."""
+    cfg: Config = request.app["config"]
+    body = await read_body(request)
+    group_id, filter_id = positive_int(body, "group_id"), positive_int(body, "filter_id")
+    catalog = body.get("catalog")
+    if catalog not in cfg.database.filters:
+        raise BadRequest(f"catalog must be one of {sorted(cfg.database.filters)}, got {catalog!r}")
+    permissions = body.get("permissions", [])
+    if not isinstance(permissions, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) for p in permissions
+    ):
+        raise BadRequest("permissions must be a list of integers (ZTF programids)")
+    pipeline = user_pipeline(body.get("pipeline"))
+
+    existing = await _filters(request).find_one({"filter_id": filter_id})
+    if existing and existing["group_id"] != group_id:
+        raise BadRequest(f"filter id {filter_id} belongs to group {existing['group_id']}")
+    base = existing or {"filter_id": filter_id, "catalog": catalog, "permissions": permissions}
+    message = await test_run(
+        request, base["catalog"], base["permissions"], pipeline, allow_empty=True
+    )
+    autosave, auto_followup = await check_options(
+        request, base, body.get("autosave", False), body.get("auto_followup", {})
+    )
+    version = {"fid": new_fid(), "pipeline": serialize_pipeline(pipeline), "created_at": now()}
+    if existing is None:
+        await _filters(request).insert_one(
+            {
+                "group_id": group_id,
+                "filter_id": filter_id,
+                "catalog": catalog,
+                "permissions": permissions,
+                "active": True,
+                "active_fid": version["fid"],
+                "autosave": autosave,
+                "auto_followup": auto_followup,
+                "update_annotations": bool(body.get("update_annotations", False)),
+                "fv": [version],
+                "created_at": now(),
+                "last_modified": now(),
+            }
+        )
+    else:
+        update: dict[str, Any] = {"active_fid": version["fid"], "last_modified": now()}
+        for key, value in (("autosave", autosave), ("auto_followup", auto_followup)):
+            if key in body:
+                update[key] = value
+        if "update_annotations" in body:
+            update["update_annotations"] = bool(body["update_annotations"])
+        await _filters(request).update_one(
+            {"filter_id": filter_id}, {"$push": {"fv": version}, "$set": update}
+        )
+    return success(f"{message}\nsaved new filter version: {version['fid']}", version)
+
+
+async def _get(request: web.Request, filter_id: int) -> dict[str, Any]:
+    doc = await _filters(request).find_one({"filter_id": filter_id}, {"_id": 0})
+    if doc is None:
+        raise NotFound(f"Filter id {filter_id} not found")
+    return doc
+
+
+@admin_required
+async def filters_get(request: web.Request) -> web.Response:
+    """GET /api/filters/{filter_id}."""
+    filter_id = int(request.match_info["filter_id"])
+    return success(f"Retrieved filter id {filter_id}", await _get(request, filter_id))
+
+
+@admin_required
+async def filters_patch(request: web.Request) -> web.Response:
+    """PATCH /api/filters: change active, active_fid, autosave, auto_followup, update_annotations."""
+    body = await read_body(request)
+    filter_id = positive_int(body, "filter_id")
+    allowed = {
+        "filter_id",
+        "active",
+        "active_fid",
+        "autosave",
+        "auto_followup",
+        "update_annotations",
+    }
+    unknown = set(body) - allowed
+    if unknown:
+        raise BadRequest(
+            f"cannot modify {sorted(unknown)}; modifiable: {sorted(allowed - {'filter_id'})}"
+        )
+    doc = await _get(request, filter_id)
+    update: dict[str, Any] = {"last_modified": now()}
+    if "active" in body:
+        if not isinstance(body["active"], bool):
+            raise BadRequest("active must be a boolean")
+        update["active"] = body["active"]
+    if "active_fid" in body:
+        if body["active_fid"] not in {v["fid"] for v in doc["fv"]}:
+            raise BadRequest(f"filter version fid {body['active_fid']} not in filter.fv")
+        update["active_fid"] = body["active_fid"]
+    if "update_annotations" in body:
+        update["update_annotations"] = bool(body["update_annotations"])
+    if "autosave" in body or "auto_followup" in body:
+        autosave, auto_followup = await check_options(
+            request,
+            doc,
+            body.get("autosave", doc.get("autosave", False)),
+            body.get("auto_followup", doc.get("auto_followup", {})),
+        )
+        update["autosave"], update["auto_followup"] = autosave, auto_followup
+    await _filters(request).update_one({"filter_id": filter_id}, {"$set": update})
+    return success(f"Updated filter id {filter_id}", await _get(request, filter_id))
+
+
+@admin_required
+async def filters_delete(request: web.Request) -> web.Response:
+    """DELETE /api/filters/{filter_id}."""
+    filter_id = int(request.match_info["filter_id"])
+    result = await _filters(request).delete_one({"filter_id": filter_id})
+    if result.deleted_count == 0:
+        raise NotFound(f"Filter id {filter_id} not found")
+    return success(f"Removed filter id {filter_id}")
+
+
+def _jd(value: Any, field: str) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise BadRequest(f"{field} must be a JD or an ISO date, got {value!r}") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.UTC)
+        return moment.timestamp() / 86400.0 + 2440587.5
+    raise BadRequest(f"{field} must be a JD or an ISO date")
+
+
+@admin_required
+async def filters_test(request: web.Request) -> web.Response:
+    """POST /api/filters/{filter_id}/test: run a filter version over archived alerts."""
+    cfg: Config = request.app["config"]
+    doc = await _get(request, int(request.match_info["filter_id"]))
+    body = await read_body(request)
+    fid = body.get("filter_version")
+    versions = {v["fid"]: v for v in doc["fv"]}
+    if fid is not None and fid not in versions:
+        raise BadRequest(f"filter version fid {fid} not in filter.fv")
+    version = versions[fid] if fid else doc["fv"][-1]
+    object_ids = body.get("object_ids")
+    if object_ids is not None and (
+        not isinstance(object_ids, list) or not all(isinstance(o, str) for o in object_ids)
+    ):
+        raise BadRequest("object_ids must be a list of strings")
+    if object_ids and len(object_ids) > MAX_TEST_OBJECTS:
+        raise BadRequest(f"at most {MAX_TEST_OBJECTS} object_ids")
+    start, end = body.get("start_date"), body.get("end_date")
+    if (start is None) != (end is None):
+        raise BadRequest("start_date and end_date come as a pair")
+    jd_range = (_jd(start, "start_date"), _jd(end, "end_date")) if start is not None else None
+    if not object_ids and jd_range is None:
+        raise BadRequest("give object_ids and/or start_date + end_date")
+    if jd_range and jd_range[1] <= jd_range[0]:
+        raise BadRequest("end_date must be after start_date")
+    if not object_ids and jd_range and jd_range[1] - jd_range[0] > 1.0:
+        raise BadRequest("without object_ids the date range may span at most 1 day")
+    max_time_ms = body.get("max_time_ms", 30000)
+    if (
+        isinstance(max_time_ms, bool)
+        or not isinstance(max_time_ms, int)
+        or not 1 <= max_time_ms <= MAX_TEST_TIME_MS
+    ):
+        raise BadRequest(f"max_time_ms must be an integer in 1..{MAX_TEST_TIME_MS}")
+    permissions = doc["permissions"] if is_programid_restricted(doc["catalog"]) else []
+    pipeline = archive_pipeline(
+        cfg,
+        doc["catalog"],
+        permissions,
+        parse_pipeline(version["pipeline"]),
+        object_ids,
+        jd_range,
+    )
+    cursor = await request.app["db"][doc["catalog"]].aggregate(
+        pipeline, allowDiskUse=False, maxTimeMS=max_time_ms
+    )
+    return success("filter test successful", await cursor.to_list())

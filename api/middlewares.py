@@ -1,0 +1,65 @@
+"""Middlewares: authentication for every route except the public ones, and errors that keep
+their meaning (status and message) instead of being rewritten to reason phrases."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from pymongo.errors import (
+    ExecutionTimeout,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
+
+from api.auth import Handler, authenticate, current_user
+from api.responses import ApiError, error
+
+log = logging.getLogger("kowalski.api")
+
+PUBLIC_PATHS = frozenset({"/api/auth"})
+PUBLIC_PREFIXES = ("/docs/api",)
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error(exc.message, exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
+        return error(reason, exc.status)
+    except ExecutionTimeout as exc:
+        return error(
+            f"query exceeded max_time_ms: {exc.details.get('errmsg') if exc.details else exc}", 400
+        )
+    except OperationFailure as exc:
+        message = exc.details.get("errmsg") if exc.details else str(exc)
+        return error(f"database refused the operation: {message}", 400)
+    except ServerSelectionTimeoutError:
+        log.exception("database unreachable")
+        return error("database unavailable, try again later", 503)
+    except PyMongoError as exc:
+        log.exception("database error")
+        return error(f"database error: {type(exc).__name__}", 503)
+    except (ValueError, TypeError, KeyError) as exc:
+        return error(f"{type(exc).__name__}: {exc}", 400)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error("Internal Server Error: the server logged the details", 500)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request["user"] = await authenticate(request)
+    if not is_public(request.path):
+        current_user(request)
+    return await handler(request)
