@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator
@@ -30,7 +31,7 @@ async def ensure_admin(app: web.Application) -> None:
     users_coll = app["db"][cfg.database.collections["users"]]
     if await users_coll.find_one({"_id": cfg.server.admin_username}, {"_id": 1}):
         return
-    try:
+    with contextlib.suppress(DuplicateKeyError):  # another gunicorn worker created it first
         await users_coll.insert_one(
             {
                 "_id": cfg.server.admin_username,
@@ -41,8 +42,6 @@ async def ensure_admin(app: web.Application) -> None:
                 "last_modified": dt.datetime.now(dt.UTC).replace(tzinfo=None),
             }
         )
-    except DuplicateKeyError:
-        pass  # another gunicorn worker created it first
 
 
 async def database_context(app: web.Application) -> AsyncIterator[None]:

@@ -76,9 +76,11 @@ def test_embedded_mongo_restart_keeps_data(tmp_path: Path) -> None:
     from pymongo import MongoClient
 
     port = free_port()
-    with EmbeddedMongo(tmp_path / "db", port, sync_on_commit=True) as server:
-        with MongoClient(server.uri) as client:
-            client.k.c.insert_one({"_id": 1})
+    with (
+        EmbeddedMongo(tmp_path / "db", port, sync_on_commit=True) as server,
+        MongoClient(server.uri) as client,
+    ):
+        client.k.c.insert_one({"_id": 1})
     with EmbeddedMongo(tmp_path / "db", port) as server, MongoClient(server.uri) as client:
         assert client.k.c.find_one({"_id": 1}) == {"_id": 1}
 
