@@ -1,0 +1,105 @@
+"""Stage 1: decode Avro alert packets (object container files) into dicts.
+
+Each distinct writer schema is parsed once and cached (upstream re-parsed it for every packet).
+Schemas are parsed leniently about invalid union defaults, which some real packets (TURBO) carry
+and fastavro >= 1.7 otherwise refuses; defaults play no part in reading with the writer schema.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import zlib
+from typing import Any
+
+import fastavro
+from fastavro import schemaless_reader
+
+MAGIC = b"Obj\x01"
+SYNC_SIZE = 16
+HEADER_SCHEMA = fastavro.parse_schema(
+    {
+        "type": "record",
+        "name": "org.apache.avro.file.Header",
+        "fields": [
+            {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
+            {"name": "meta", "type": {"type": "map", "values": "bytes"}},
+            {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": SYNC_SIZE}},
+        ],
+    }
+)
+
+
+class DecodeError(ValueError):
+    """A packet that is not a readable Avro alert; the message says why."""
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_schema(digest: str, schema_json: bytes) -> Any:
+    try:
+        return fastavro.parse_schema(json.loads(schema_json), _ignore_default_error=True)
+    except (ValueError, KeyError, TypeError, fastavro.schema.SchemaParseException) as exc:
+        raise DecodeError(f"invalid writer schema: {exc}") from None
+
+
+def _read_long(buf: io.BytesIO) -> int:
+    shift, result = 0, 0
+    while True:
+        byte = buf.read(1)
+        if not byte:
+            raise DecodeError("truncated Avro block header")
+        b = byte[0]
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return (result >> 1) ^ -(result & 1)
+        shift += 7
+        if shift > 63:
+            raise DecodeError("corrupt Avro varint")
+
+
+def writer_schema(packet: bytes) -> dict[str, Any]:
+    """The writer schema embedded in a packet (JSON), e.g. to read its version."""
+    header = schemaless_reader(io.BytesIO(packet), HEADER_SCHEMA, None)
+    return json.loads(header["meta"]["avro.schema"])
+
+
+def decode_packet(packet: bytes) -> list[dict[str, Any]]:
+    """All records of one Avro container (ZTF sends one alert per packet)."""
+    if not isinstance(packet, bytes | bytearray | memoryview) or bytes(packet[:4]) != MAGIC:
+        raise DecodeError("not an Avro object container (bad magic bytes)")
+    buf = io.BytesIO(bytes(packet))
+    try:
+        header = schemaless_reader(buf, HEADER_SCHEMA, None)
+    except (EOFError, ValueError, StopIteration) as exc:
+        raise DecodeError(f"unreadable Avro header: {exc}") from None
+    meta = header["meta"]
+    schema_json = meta.get("avro.schema")
+    if not schema_json:
+        raise DecodeError("Avro header has no schema")
+    codec = meta.get("avro.codec", b"null").decode()
+    if codec not in ("null", "deflate"):
+        raise DecodeError(f"unsupported Avro codec {codec}")
+    schema = _parsed_schema(hashlib.sha1(schema_json).hexdigest(), schema_json)
+    records: list[dict[str, Any]] = []
+    size = len(buf.getbuffer())
+    while buf.tell() < size:
+        count = _read_long(buf)
+        length = _read_long(buf)
+        block = buf.read(length)
+        if len(block) != length:
+            raise DecodeError("truncated Avro block")
+        if codec == "deflate":
+            block = zlib.decompress(block, -15)
+        block_buf = io.BytesIO(block)
+        try:
+            for _ in range(count):
+                records.append(schemaless_reader(block_buf, schema, None))
+        except (EOFError, ValueError, StopIteration, IndexError) as exc:
+            raise DecodeError(f"corrupt Avro record: {exc}") from None
+        if buf.read(SYNC_SIZE) != header["sync"]:
+            raise DecodeError("Avro sync marker mismatch")
+    if not records:
+        raise DecodeError("Avro container holds no records")
+    return records
