@@ -54,7 +54,9 @@ def make_triplet(alert: dict[str, Any]) -> np.ndarray:
     return np.stack([stamp_array(alert[c]) for c in TRIPLET_CHANNELS], axis=-1).astype(np.float32)
 
 
-def derived_features(candidate: dict[str, Any], history: Sequence[dict[str, Any]]) -> dict[str, float]:
+def derived_features(
+    candidate: dict[str, Any], history: Sequence[dict[str, Any]]
+) -> dict[str, float]:
     """BTSbot's history features from the alert's own light curve (prv_candidates + candidate)."""
     detections = [p for p in [*history, candidate] if p.get("magpsf") is not None]
     peakmag, maxmag, peak_jd = 30.0, 0.0, candidate["jd"]
@@ -62,7 +64,9 @@ def derived_features(candidate: dict[str, Any], history: Sequence[dict[str, Any]
         if point["magpsf"] < peakmag:
             peakmag, peak_jd = point["magpsf"], point["jd"]
         maxmag = max(maxmag, point["magpsf"])
-    first_jd = min([candidate.get("jdstarthist") or candidate["jd"], *(p["jd"] for p in detections)])
+    first_jd = min(
+        [candidate.get("jdstarthist") or candidate["jd"], *(p["jd"] for p in detections)]
+    )
     return {
         "peakmag_so_far": peakmag,
         "maxmag_so_far": maxmag,

@@ -1,0 +1,150 @@
+"""Stage: store a batch: dedup (one query), per-object history (aux) merged and written with
+optimistic concurrency, alerts inserted in bulk.
+
+Order matters for crash safety: aux first (its merges are idempotent), alerts last, so a batch
+re-delivered after a crash is re-processed until its alerts exist, and then skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from ingester.mongify import (
+    Parts,
+    keep_fp_hists_for_new_object,
+    merge_fp_hists,
+    merge_prv_candidates,
+)
+from ingester.surveys import Survey
+
+Doc = dict[str, Any]
+# (positions, catalogs wanted per position) -> {catalog: matches} per position
+CrossMatcher = Callable[
+    [list[tuple[float, float]], list[set[str]]], Awaitable[list[dict[str, list[Doc]]]]
+]
+MAX_ATTEMPTS = 20
+WRITE_CONCURRENCY = 32
+
+
+async def existing_candids(coll: AsyncCollection[Doc], candids: Sequence[int]) -> set[int]:
+    docs = await coll.find({"candid": {"$in": list(candids)}}, {"_id": 0, "candid": 1}).to_list()
+    return {int(d["candid"]) for d in docs}
+
+
+def group_by_object(survey: Survey, parts: Sequence[Parts]) -> dict[str, list[Parts]]:
+    groups: dict[str, list[Parts]] = defaultdict(list)
+    for part in parts:
+        groups[str(part.alert[survey.object_key])].append(part)
+    return groups
+
+
+def _new_history(group: list[Parts]) -> tuple[list[Doc], list[Doc]]:
+    prv: list[Doc] = []
+    fp: list[Doc] = []
+    for part in sorted(group, key=lambda p: p.alert["candidate"]["jd"]):
+        prv = merge_prv_candidates(prv, part.prv_candidates)
+        fp = merge_fp_hists(fp, part.fp_hists)
+    return prv, fp
+
+
+async def store_aux(
+    aux: AsyncCollection[Doc],
+    survey: Survey,
+    parts: Sequence[Parts],
+    catalogs: Sequence[str],
+    cross_match: CrossMatcher,
+) -> dict[str, int]:
+    """Merge the batch into `<survey>_alerts_aux`; returns counts of new/updated objects."""
+    groups = group_by_object(survey, parts)
+    pending = dict(groups)
+    counts = {"new_objects": 0, "updated_objects": 0}
+    semaphore = asyncio.Semaphore(WRITE_CONCURRENCY)
+    for _ in range(MAX_ATTEMPTS):
+        if not pending:
+            return counts
+        stored = {d["_id"]: d for d in await aux.find({"_id": {"$in": list(pending)}}).to_list()}
+        # cross-match objects that are new, or lack a catalog configured since they were stored
+        need = {
+            oid: set(catalogs) - set((stored.get(oid) or {}).get("cross_matches", {}))
+            for oid in pending
+        }
+        todo = [oid for oid, missing in need.items() if missing]
+        positions = [
+            (pending[oid][0].alert["candidate"]["ra"], pending[oid][0].alert["candidate"]["dec"])
+            for oid in todo
+        ]
+        matches = (
+            dict(zip(todo, await cross_match(positions, [need[o] for o in todo]), strict=True))
+            if todo
+            else {}
+        )
+
+        async def write(oid: str) -> bool:
+            async with semaphore:
+                return await _write_object(
+                    aux, oid, pending[oid], stored.get(oid), matches.get(oid), counts
+                )
+
+        done = await asyncio.gather(*(write(oid) for oid in pending))
+        pending = {oid: pending[oid] for oid, ok in zip(list(pending), done, strict=True) if not ok}
+    raise RuntimeError(f"aux update kept conflicting for objects {sorted(pending)[:5]}")
+
+
+async def _write_object(
+    aux: AsyncCollection[Doc],
+    oid: str,
+    group: list[Parts],
+    stored: Doc | None,
+    new_matches: dict[str, list[Doc]] | None,
+    counts: dict[str, int],
+) -> bool:
+    """One object's aux write; False when another writer got there first (caller retries)."""
+    prv, fp = _new_history(group)
+    if stored is None:
+        doc: Doc = {
+            "_id": oid,
+            "_rev": 1,
+            "prv_candidates": prv,
+            "cross_matches": new_matches or {},
+        }
+        first = min(group, key=lambda p: p.alert["candidate"]["jd"]).alert["candidate"]
+        if fp and keep_fp_hists_for_new_object(first):
+            doc["fp_hists"] = fp
+        try:
+            await aux.insert_one(doc)
+        except DuplicateKeyError:
+            return False
+        counts["new_objects"] += 1
+        return True
+    update: Doc = {"prv_candidates": merge_prv_candidates(stored.get("prv_candidates", []), prv)}
+    if "fp_hists" in stored and fp:
+        update["fp_hists"] = merge_fp_hists(stored["fp_hists"], fp)
+    if new_matches:
+        for catalog, found in new_matches.items():
+            update[f"cross_matches.{catalog}"] = found
+    rev = stored.get("_rev")
+    result = await aux.update_one({"_id": oid, "_rev": rev}, {"$set": update, "$inc": {"_rev": 1}})
+    if result.matched_count == 0:
+        return False
+    counts["updated_objects"] += 1
+    return True
+
+
+async def insert_alerts(coll: AsyncCollection[Doc], docs: Sequence[Doc]) -> int:
+    """Bulk insert; alerts already stored (unique candid) are fine, any other error raises."""
+    if not docs:
+        return 0
+    try:
+        result = await coll.insert_many(list(docs), ordered=False)
+        return len(result.inserted_ids)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if any(e.get("code") != 11000 for e in errors):
+            raise
+        return int(exc.details.get("nInserted", len(docs) - len(errors)))

@@ -1,0 +1,211 @@
+"""One batch through every stage: decode -> dedup -> ML -> aux (history + cross-matches) ->
+alerts -> filters -> hand-off. Data flows forward; each stage is called once per batch.
+
+A packet that cannot be decoded or prepared goes to the `dead_letters` collection with the error
+and its raw bytes; the rest of the batch goes on. Database errors propagate: the consumer retries
+the batch (nothing is committed to Kafka before the batch is stored).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bson import Binary
+from pymongo.asynchronous.database import AsyncDatabase
+
+from ingester import archive, filters, ml, xmatch
+from ingester.decode import decode_packet
+from ingester.mongify import Parts, split_alert
+from ingester.surveys import Survey
+from kowalski.config import Config
+
+log = logging.getLogger("kowalski.ingester")
+Doc = dict[str, Any]
+FILTER_RELOAD_SECONDS = 300.0
+# hand-off point to the SkyPortal stage: (survey, alert documents, passed filters per candid)
+Handoff = Callable[[Survey, list[Doc], dict[int, list[Doc]]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Packet:
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+
+
+@dataclass
+class BatchReport:
+    received: int = 0
+    alerts: int = 0
+    duplicates: int = 0
+    stored: int = 0
+    dead_letters: int = 0
+    new_objects: int = 0
+    updated_objects: int = 0
+    passed: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, other: BatchReport) -> None:
+        for name in (
+            "received",
+            "alerts",
+            "duplicates",
+            "stored",
+            "dead_letters",
+            "new_objects",
+            "updated_objects",
+            "passed",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for stage, seconds in other.seconds.items():
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+class Timer:
+    def __init__(self, report: BatchReport) -> None:
+        self.report = report
+
+    def __call__(self, stage: str) -> Timer:
+        self.stage = stage
+        return self
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.report.seconds[self.stage] = self.report.seconds.get(self.stage, 0.0) + elapsed
+
+
+async def no_handoff(survey: Survey, alerts: list[Doc], passed: dict[int, list[Doc]]) -> None:
+    """Default hand-off: posting to SkyPortal is the `skyportal` stage's job (not enabled)."""
+
+
+@dataclass
+class Pipeline:
+    """Per-worker state: database, loaded models, cached filter templates."""
+
+    cfg: Config
+    db: AsyncDatabase[Doc]
+    models: dict[str, list[ml.Model]]
+    handoff: Handoff = no_handoff
+    _filters: dict[str, tuple[float, list[filters.FilterTemplate]]] = field(default_factory=dict)
+    _indexed: set[str] = field(default_factory=set)
+
+    async def templates(self, catalog: str) -> list[filters.FilterTemplate]:
+        loaded_at, cached = self._filters.get(catalog, (0.0, []))
+        if time.monotonic() - loaded_at > FILTER_RELOAD_SECONDS:
+            cached = await filters.active_filters(self.db, self.cfg, catalog)
+            self._filters[catalog] = (time.monotonic(), cached)
+        return cached
+
+    def reload_filters(self) -> None:
+        self._filters.clear()
+
+    async def dead_letter(self, packet: Packet, error: str) -> None:
+        await self.db[self.cfg.database.collections["dead_letters"]].insert_one(
+            {
+                "topic": packet.topic,
+                "partition": packet.partition,
+                "offset": packet.offset,
+                "error": error,
+                "packet": Binary(packet.value),
+                "received_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
+            }
+        )
+
+    async def ensure_indexes(self, survey: Survey) -> None:
+        from kowalski.db import ensure_indexes
+
+        if survey.name in self._indexed or not self.cfg.database.build_indexes:
+            return
+        await ensure_indexes(self.db, self.cfg, survey.alerts_collection(self.cfg))
+        runs = self.db[self.cfg.database.collections["filter_runs"]]
+        await runs.create_index([("filter_id", 1), ("candids", 1)], name="filter_id_candids")
+        self._indexed.add(survey.name)
+
+    async def process(self, survey: Survey, packets: Sequence[Packet]) -> BatchReport:
+        report = BatchReport(received=len(packets))
+        timer = Timer(report)
+        cfg = self.cfg
+        await self.ensure_indexes(survey)
+        alerts_coll = self.db[survey.alerts_collection(cfg)]
+
+        with timer("decode"):
+            decoded: list[tuple[Packet, Doc]] = []
+            for packet in packets:
+                try:
+                    decoded.extend((packet, record) for record in decode_packet(packet.value))
+                except Exception as exc:
+                    await self.dead_letter(packet, f"decode: {exc}")
+                    report.dead_letters += 1
+        report.alerts = len(decoded)
+
+        with timer("dedup"):
+            seen = await archive.existing_candids(alerts_coll, [r["candid"] for _, r in decoded])
+            fresh: dict[int, tuple[Packet, Doc]] = {}
+            for packet, record in decoded:
+                if record["candid"] in seen or record["candid"] in fresh:
+                    report.duplicates += 1
+                else:
+                    fresh[record["candid"]] = (packet, record)
+        if not fresh:
+            return report
+        records = [r for _, r in fresh.values()]
+
+        with timer("ml"):
+            scores = ml.score_batch(self.models.get(survey.name, []), records)
+
+        with timer("mongify"):
+            parts: list[Parts] = []
+            for (packet, record), classifications in zip(fresh.values(), scores, strict=True):
+                try:
+                    part = split_alert(survey, record)
+                except Exception as exc:
+                    await self.dead_letter(
+                        packet,
+                        f"mongify: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}",
+                    )
+                    report.dead_letters += 1
+                    continue
+                part.alert["classifications"] = classifications
+                parts.append(part)
+
+        catalogs = cfg.database.xmatch.get(survey.name, {})
+
+        async def matcher(
+            positions: list[tuple[float, float]], wanted: list[set[str]]
+        ) -> list[dict[str, list[Doc]]]:
+            return await xmatch.cross_match(self.db, catalogs, positions, wanted)
+
+        with timer("aux"):
+            counts = await archive.store_aux(
+                self.db[survey.aux_collection(cfg)], survey, parts, list(catalogs), matcher
+            )
+        report.new_objects, report.updated_objects = (
+            counts["new_objects"],
+            counts["updated_objects"],
+        )
+
+        with timer("store"):
+            report.stored = await archive.insert_alerts(alerts_coll, [p.alert for p in parts])
+
+        with timer("filters"):
+            templates = await self.templates(survey.alerts_collection(cfg))
+            passed = (
+                await filters.run_filters(self.db, cfg, templates, [p.candid for p in parts])
+                if templates
+                else {}
+            )
+        report.passed = sum(len(v) for v in passed.values())
+
+        with timer("handoff"):
+            await self.handoff(survey, [p.alert for p in parts], passed)
+        return report
