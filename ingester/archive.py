@@ -85,15 +85,22 @@ async def store_aux(
             else {}
         )
 
-        async def write(oid: str) -> bool:
-            async with semaphore:
-                return await _write_object(
-                    aux, oid, pending[oid], stored.get(oid), matches.get(oid), counts
+        done = await asyncio.gather(
+            *(
+                _bounded(
+                    semaphore,
+                    _write_object(aux, oid, group, stored.get(oid), matches.get(oid), counts),
                 )
-
-        done = await asyncio.gather(*(write(oid) for oid in pending))
+                for oid, group in pending.items()
+            )
+        )
         pending = {oid: pending[oid] for oid, ok in zip(list(pending), done, strict=True) if not ok}
     raise RuntimeError(f"aux update kept conflicting for objects {sorted(pending)[:5]}")
+
+
+async def _bounded(semaphore: asyncio.Semaphore, write: Awaitable[bool]) -> bool:
+    async with semaphore:
+        return await write
 
 
 async def _write_object(
