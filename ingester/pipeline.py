@@ -97,7 +97,6 @@ class Pipeline:
     models: dict[str, list[ml.Model]]
     handoff: Handoff = no_handoff
     _filters: dict[str, tuple[float, list[filters.FilterTemplate]]] = field(default_factory=dict)
-    _indexed: set[str] = field(default_factory=set)
 
     async def templates(self, catalog: str) -> list[filters.FilterTemplate]:
         loaded_at, cached = self._filters.get(catalog, (0.0, []))
@@ -121,21 +120,10 @@ class Pipeline:
             }
         )
 
-    async def ensure_indexes(self, survey: Survey) -> None:
-        from kowalski.db import ensure_indexes
-
-        if survey.name in self._indexed or not self.cfg.database.build_indexes:
-            return
-        await ensure_indexes(self.db, self.cfg, survey.alerts_collection(self.cfg))
-        runs = self.db[self.cfg.database.collections["filter_runs"]]
-        await runs.create_index([("filter_id", 1), ("candids", 1)], name="filter_id_candids")
-        self._indexed.add(survey.name)
-
     async def process(self, survey: Survey, packets: Sequence[Packet]) -> BatchReport:
         report = BatchReport(received=len(packets))
         timer = Timer(report)
         cfg = self.cfg
-        await self.ensure_indexes(survey)
         alerts_coll = self.db[survey.alerts_collection(cfg)]
 
         with timer("decode"):

@@ -8,13 +8,11 @@ from urllib.parse import quote_plus
 from pymongo import AsyncMongoClient, MongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.database import Database
+from pymongo.errors import OperationFailure
 
 from kowalski.config import Config, IndexSpec
 
 Document = dict[str, Any]
-
-# collections users may never read or write through queries
-SYSTEM_COLLECTIONS = frozenset({"users", "filters", "queries", "dead_letters", "filter_runs"})
 
 
 def mongo_uri(cfg: Config) -> str:
@@ -53,18 +51,35 @@ def _index_keys(spec: IndexSpec) -> list[tuple[str, int | str]]:
     return [(name, direction) for name, direction in spec.fields]
 
 
+INDEX_CONFLICT_CODES = (85, 86)  # IndexOptionsConflict, IndexKeySpecsConflict
+
+
+def _same_index(existing: dict[str, Any], spec: IndexSpec) -> bool:
+    info = existing.get(spec.name)
+    return bool(info) and [tuple(k) for k in info["key"]] == _index_keys(spec)
+
+
 async def ensure_indexes(db: AsyncDatabase[Document], cfg: Config, collection: str) -> list[str]:
-    """Create the configured indexes of `collection` (idempotent); return their names."""
-    created = []
+    """Create the configured indexes of `collection` (idempotent, safe to race); their names."""
     for spec in cfg.database.indexes.get(collection, []):
-        created.append(
+        try:
             await db[collection].create_index(_index_keys(spec), name=spec.name, unique=spec.unique)
-        )
-    return created
+        except OperationFailure as exc:
+            # created already (or by another process at the same moment): fine if identical
+            if exc.code not in INDEX_CONFLICT_CODES or not _same_index(
+                await db[collection].index_information(), spec
+            ):
+                raise
+    return [spec.name for spec in cfg.database.indexes.get(collection, [])]
 
 
 def ensure_indexes_sync(db: Database[Document], cfg: Config, collection: str) -> list[str]:
-    return [
-        db[collection].create_index(_index_keys(spec), name=spec.name, unique=spec.unique)
-        for spec in cfg.database.indexes.get(collection, [])
-    ]
+    for spec in cfg.database.indexes.get(collection, []):
+        try:
+            db[collection].create_index(_index_keys(spec), name=spec.name, unique=spec.unique)
+        except OperationFailure as exc:
+            if exc.code not in INDEX_CONFLICT_CODES or not _same_index(
+                db[collection].index_information(), spec
+            ):
+                raise
+    return [spec.name for spec in cfg.database.indexes.get(collection, [])]

@@ -1,0 +1,58 @@
+"""Run the ingester: `python -m ingester [--survey ZTF ...] [--until-idle SECONDS]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from ingester.consumer import Ingester, enabled_surveys, start_cluster
+from ingester.surveys import SURVEYS
+from kowalski.config import ConfigError, load_config
+from kowalski.services.kafka import broker_ready
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ingester", description=__doc__)
+    parser.add_argument(
+        "--survey", action="append", choices=sorted(SURVEYS), help="default: enabled in config"
+    )
+    parser.add_argument(
+        "--until-idle", type=float, help="stop after this many seconds without alerts"
+    )
+    parser.add_argument(
+        "--threads", action="store_true", help="dask workers as threads, not processes"
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    logging.basicConfig(
+        level=cfg.misc.logging_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    bootstrap = cfg.kafka.bootstrap_servers
+    if not broker_ready(bootstrap, timeout=5):
+        print(
+            f"error: Kafka is not reachable at {bootstrap} (set KAFKA_BOOTSTRAP_SERVERS)",
+            file=sys.stderr,
+        )
+        return 1
+    surveys = args.survey or enabled_surveys(cfg)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with start_cluster(cfg, processes=not args.threads) as client:
+        ingester = Ingester(cfg, client, bootstrap, surveys)
+        logging.getLogger("kowalski.ingester").info("consuming %s", ingester.patterns)
+        report = ingester.run(stop=stop, until_idle=args.until_idle)
+    logging.getLogger("kowalski.ingester").info("done: %s", report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Kafka -> dask.distributed: consume nightly topics by pattern with a stable consumer group, send
+batches to the workers, commit offsets only after a batch is stored.
+
+- Pattern subscription picks up new nightly topics without restarts.
+- Several batches are in flight (one per worker); offsets are committed in submission order, so
+  a commit never passes a batch that is not yet durably stored.
+- A failed batch (database down, ...) is retried with exponential backoff; nothing is dropped.
+- A restart resumes at the committed offsets; re-delivered alerts are harmless (unique candid,
+  idempotent history merges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from distributed import Client, Future, WorkerPlugin, get_worker
+
+from ingester.pipeline import BatchReport, Packet, Pipeline
+from ingester.surveys import SURVEYS, survey_for_topic
+from kowalski.config import Config
+
+log = logging.getLogger("kowalski.ingester")
+MAX_BACKOFF_SECONDS = 60.0
+
+_RUNTIMES: dict[tuple[str, str], WorkerRuntime] = {}
+
+
+class WorkerRuntime:
+    """Per dask worker: loaded ML models, and per thread an event loop + database client."""
+
+    def __init__(self, cfg: Config) -> None:
+        from ingester.ml import load_models
+
+        self.cfg = cfg
+        self.models = {name: load_models(cfg, name) for name in SURVEYS}
+        self._local = threading.local()
+        self._states: list[tuple[asyncio.AbstractEventLoop, Any]] = []
+
+    def pipeline(self) -> tuple[asyncio.AbstractEventLoop, Pipeline]:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            from kowalski.db import async_client
+
+            loop = asyncio.new_event_loop()
+            client = async_client(self.cfg)
+            state = (loop, Pipeline(self.cfg, client[self.cfg.database.db], self.models))
+            self._local.state = state
+            self._states.append((loop, client))
+        return state
+
+    def close(self) -> None:
+        for loop, client in self._states:
+            try:
+                if not loop.is_running() and not loop.is_closed():
+                    loop.run_until_complete(client.close())
+                    loop.close()
+            except RuntimeError as exc:  # loop owned by a thread that is gone
+                log.debug("closing a worker database client: %s", exc)
+        self._states.clear()
+
+    def run(self, survey: str, packets: list[Packet]) -> BatchReport:
+        loop, pipeline = self.pipeline()
+        return loop.run_until_complete(pipeline.process(SURVEYS[survey], packets))
+
+
+class IngesterPlugin(WorkerPlugin):
+    """Builds the per-worker runtime once (models loaded once per worker, not per alert).
+    Its name identifies the configuration, so ingesters with different settings sharing a
+    cluster each get their own runtime."""
+
+    idempotent = True
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        digest = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+        self.name = f"kowalski-ingester-{digest}"
+
+    def setup(self, worker: Any) -> None:
+        _RUNTIMES[(worker.address, self.name)] = WorkerRuntime(self.cfg)
+
+    def teardown(self, worker: Any) -> None:
+        runtime = _RUNTIMES.pop((worker.address, self.name), None)
+        if runtime is not None:
+            runtime.close()
+
+
+def process_packets(runtime: str, survey: str, packets: list[Packet]) -> BatchReport:
+    """The dask task: one batch on this worker, with the runtime of plugin `runtime`."""
+    return _RUNTIMES[(get_worker().address, runtime)].run(survey, packets)
+
+
+@dataclass
+class Batch:
+    survey: str
+    packets: list[Packet]
+    future: Future
+    attempts: int = 1
+
+    def offsets(self) -> list[TopicPartition]:
+        last: dict[tuple[str, int], int] = {}
+        for p in self.packets:
+            key = (p.topic, p.partition)
+            last[key] = max(last.get(key, -1), p.offset)
+        return [TopicPartition(t, part, off + 1) for (t, part), off in last.items()]
+
+
+@dataclass
+class Ingester:
+    cfg: Config
+    client: Client
+    bootstrap_servers: str
+    surveys: list[str]
+    group: str | None = None
+    max_in_flight: int = 2
+    report: BatchReport = field(default_factory=BatchReport)
+    committed: int = 0
+
+    def __post_init__(self) -> None:
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap_servers,
+                "group.id": self.group or self.cfg.kafka.group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": self.cfg.kafka.auto_offset_reset,
+                "session.timeout.ms": 10000,
+                "max.poll.interval.ms": 900000,
+                "fetch.wait.max.ms": 100,
+                "topic.metadata.refresh.interval.ms": 30000,
+                "fetch.message.max.bytes": 10_485_760,
+            }
+        )
+        self.patterns = [self.cfg.kafka.topics[s] for s in self.surveys]
+        self.in_flight: deque[Batch] = deque()
+        self.assigned: set[tuple[str, int]] = set()
+        self.consumer.subscribe(self.patterns, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        prepare_database(self.cfg, self.surveys)
+        plugin = IngesterPlugin(self.cfg)
+        self.runtime = plugin.name
+        self.client.register_plugin(plugin, name=plugin.name)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned |= {(p.topic, p.partition) for p in partitions}
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.drain()
+        self.assigned -= {(p.topic, p.partition) for p in partitions}
+
+    def submit(self, survey: str, packets: list[Packet]) -> None:
+        future = self.client.submit(process_packets, self.runtime, survey, packets, pure=False)
+        self.in_flight.append(Batch(survey, packets, future))
+
+    def settle(self, block: bool) -> None:
+        """Commit finished batches in order; retry failed ones (the head blocks commits)."""
+        while self.in_flight:
+            head = self.in_flight[0]
+            if not block and not head.future.done():
+                return
+            try:
+                result: BatchReport = head.future.result()
+            except Exception as exc:
+                delay = min(MAX_BACKOFF_SECONDS, 2.0**head.attempts)
+                log.error(
+                    "batch of %d %s packets failed (attempt %d): %s; retrying in %.0f s",
+                    len(head.packets),
+                    head.survey,
+                    head.attempts,
+                    exc,
+                    delay,
+                )
+                time.sleep(delay)
+                head.future = self.client.submit(
+                    process_packets, head.survey, head.packets, pure=False
+                )
+                head.attempts += 1
+                continue
+            self.consumer.commit(offsets=head.offsets(), asynchronous=False)
+            self.committed += len(head.packets)
+            self.report.add(result)
+            self.in_flight.popleft()
+            block = block and len(self.in_flight) >= self.max_in_flight
+
+    def drain(self) -> None:
+        while self.in_flight:
+            self.settle(block=True)
+
+    def poll_once(self) -> int:
+        messages = self.consumer.consume(
+            num_messages=self.cfg.ingester.batch_size, timeout=self.cfg.ingester.batch_timeout_s
+        )
+        by_survey: dict[str, list[Packet]] = {}
+        for msg in messages:
+            if msg.error():
+                if msg.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("kafka: %s", msg.error())
+                continue
+            packet = Packet(msg.topic(), msg.partition(), msg.offset(), msg.value())
+            by_survey.setdefault(survey_for_topic(packet.topic).name, []).append(packet)
+        for survey, packets in by_survey.items():
+            self.submit(survey, packets)
+        self.settle(block=len(self.in_flight) >= self.max_in_flight)
+        return sum(len(p) for p in by_survey.values())
+
+    def run(
+        self, stop: threading.Event | None = None, until_idle: float | None = None
+    ) -> BatchReport:
+        """Consume until `stop` is set, or until nothing arrived for `until_idle` seconds."""
+        last_message = time.monotonic()
+        try:
+            while not (stop and stop.is_set()):
+                if self.poll_once():
+                    last_message = time.monotonic()
+                elif (
+                    until_idle is not None
+                    and not self.in_flight
+                    and time.monotonic() - last_message > until_idle
+                ):
+                    break
+            self.drain()
+        finally:
+            self.consumer.close()
+        return self.report
+
+
+def prepare_database(cfg: Config, surveys: list[str]) -> None:
+    """Indexes of the alert collections, once, before any batch runs (not raced by workers)."""
+    from kowalski.db import ensure_indexes_sync, sync_client
+
+    if not cfg.database.build_indexes:
+        return
+    with sync_client(cfg) as client:
+        db = client[cfg.database.db]
+        for name in surveys:
+            ensure_indexes_sync(db, cfg, SURVEYS[name].alerts_collection(cfg))
+        runs = db[cfg.database.collections["filter_runs"]]
+        runs.create_index([("filter_id", 1), ("candids", 1)], name="filter_id_candids")
+
+
+def start_cluster(cfg: Config, processes: bool = True) -> Client:
+    """A dask client: the configured scheduler, or a LocalCluster sized from config."""
+    if cfg.dask.scheduler_address:
+        return Client(cfg.dask.scheduler_address)
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=cfg.dask.n_workers,
+        threads_per_worker=cfg.dask.threads_per_worker,
+        processes=processes,
+        dashboard_address=cfg.dask.dashboard_address if processes else None,
+        lifetime=cfg.dask.lifetime if processes else None,
+        lifetime_stagger=cfg.dask.lifetime_stagger if processes else None,
+        lifetime_restart=cfg.dask.lifetime_restart if processes else False,
+        silence_logs=logging.WARNING,
+    )
+    return Client(cluster)
+
+
+def enabled_surveys(cfg: Config) -> list[str]:
+    flags = cfg.enabled.model_dump()
+    return [name for name in SURVEYS if flags.get(name.lower(), False)]

@@ -1,0 +1,263 @@
+"""End to end through real Kafka, real dask workers and the real database: every bundled packet."""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+from distributed import Client, LocalCluster
+from pymongo import MongoClient
+
+from ingester.consumer import Ingester
+from ingester.decode import decode_packet
+from ingester.replay import replay
+from kowalski.config import Config, build_config
+from kowalski.coords import coordinates_block
+
+from .conftest import DATA, OTHER_ALERTS, ZTF_ALERTS
+
+SURVEYS = ["ZTF", "PGIR", "WNTR", "TURBO"]
+EXPECTED = {  # alerts / objects per survey in the bundled real data
+    "ZTF_alerts": 38,
+    "ZTF_alerts_aux": 37,
+    "PGIR_alerts": 17,
+    "PGIR_alerts_aux": 15,
+    "WNTR_alerts": 11,
+    "WNTR_alerts_aux": 11,
+    "TURBO_alerts": 11,
+    "TURBO_alerts_aux": 11,
+}
+FILTER = [{"$match": {"candidate.drb": {"$gt": 0.9}}}, {"$project": {"candid": 1, "objectId": 1}}]
+
+
+def all_packets() -> list[Path]:
+    return sorted([*ZTF_ALERTS.rglob("*.avro"), *OTHER_ALERTS.rglob("*.avro")])
+
+
+def night_config(test_environ: dict[str, str], kafka: str, tag: str, **extra: str) -> Config:
+    env = {
+        **test_environ,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka,
+        "KOWALSKI__database__db": f"ingest_{tag}",
+        "KOWALSKI__kafka__topics__ZTF": f"^ztf_[0-9]{{8}}_programid[123]_{tag}$",
+        "KOWALSKI__kafka__topics__PGIR": f"^pgir_[0-9]{{8}}_{tag}$",
+        "KOWALSKI__kafka__topics__WNTR": f"^winter_[0-9]{{8}}_{tag}$",
+        "KOWALSKI__kafka__topics__TURBO": f"^turbo_[0-9]{{8}}_{tag}$",
+        **extra,
+    }
+    return build_config([], env)
+
+
+@pytest.fixture(scope="module")
+def dask_client() -> Iterator[Client]:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def run_ingester(
+    cfg: Config, client: Client, kafka: str, group: str | None = None, **kwargs: object
+) -> Ingester:
+    group = group or f"{cfg.kafka.group}-{cfg.database.db}"
+    ingester = Ingester(cfg, client, kafka, SURVEYS, group=group)
+    ingester.run(**kwargs)  # type: ignore[arg-type]
+    return ingester
+
+
+def stop_when_committed(ingester: Ingester, count: int, stop: threading.Event) -> None:
+    while not stop.wait(0.05):
+        if ingester.committed >= count:
+            stop.set()
+
+
+def db_of(mongo_uri: str, cfg: Config) -> MongoClient:
+    return MongoClient(mongo_uri)[cfg.database.db]
+
+
+@pytest.fixture(scope="module")
+def ingested(
+    test_environ: dict[str, str], kafka_bootstrap: str, mongo_uri: str, dask_client: Client
+) -> tuple[Config, Ingester]:
+    tag = uuid.uuid4().hex[:8]
+    cfg = night_config(test_environ, kafka_bootstrap, tag)
+    db = db_of(mongo_uri, cfg)
+    # a small catalog around a real alert: one source 1" away (inside 2"), one 3" away (outside)
+    alert = decode_packet((ZTF_ALERTS / "20200202" / "1105522281015015000.avro").read_bytes())[0]
+    ra, dec = alert["candidate"]["ra"], alert["candidate"]["dec"]
+    db.Gaia_EDR3.insert_many(
+        [
+            {
+                "_id": 1,
+                "phot_g_mean_mag": 17.2,
+                "coordinates": coordinates_block(ra, dec + 1 / 3600),
+            },
+            {
+                "_id": 2,
+                "phot_g_mean_mag": 18.9,
+                "coordinates": coordinates_block(ra, dec + 3 / 3600),
+            },
+        ]
+    )
+    db.Gaia_EDR3.create_index([("coordinates.radec_geojson", "2dsphere")])
+    db.filters.insert_one(
+        {
+            "filter_id": 1,
+            "group_id": 1,
+            "catalog": "ZTF_alerts",
+            "permissions": [1, 2, 3],
+            "active": True,
+            "active_fid": "abcdef",
+            "fv": [{"fid": "abcdef", "pipeline": json.dumps(FILTER)}],
+            "autosave": False,
+            "auto_followup": {},
+        }
+    )
+    counts = replay(kafka_bootstrap, all_packets(), suffix=f"_{tag}", progress=False)
+    assert sum(counts.values()) == len(all_packets()) == 77
+    ingester = run_ingester(cfg, dask_client, kafka_bootstrap, until_idle=4.0)
+    return cfg, ingester
+
+
+def test_exact_counts_per_survey(ingested: tuple[Config, Ingester], mongo_uri: str) -> None:
+    cfg, ingester = ingested
+    db = db_of(mongo_uri, cfg)
+    counts = {name: db[name].count_documents({}) for name in EXPECTED}
+    assert counts == EXPECTED
+    assert ingester.committed == 77
+    assert ingester.report.stored == 77 and ingester.report.duplicates == 0
+    assert db.dead_letters.count_documents({}) == 0
+
+
+def test_ml_scores_match_reference(ingested: tuple[Config, Ingester], mongo_uri: str) -> None:
+    cfg, _ = ingested
+    db = db_of(mongo_uri, cfg)
+    columns = {
+        "braai": "braai_d6_m9",
+        "acai_h": "acai_h",
+        "acai_v": "acai_v",
+        "acai_o": "acai_o",
+        "acai_n": "acai_n",
+        "acai_b": "acai_b",
+        "bts": "bts_v1.0.1",
+    }
+    rows = list(csv.DictReader((DATA / "reference" / "ml_scores.csv").open()))
+    assert len(rows) == 38
+    for row in rows:
+        doc = db.ZTF_alerts.find_one({"candid": int(row["candid"])}, {"classifications": 1})
+        for model, column in columns.items():
+            assert doc["classifications"][model] == pytest.approx(float(row[column]), abs=1e-5), (
+                row["file"],
+                model,
+            )
+        assert doc["classifications"]["braai_version"] == "d6_m9"
+
+
+def test_alert_and_history_documents(ingested: tuple[Config, Ingester], mongo_uri: str) -> None:
+    cfg, _ = ingested
+    db = db_of(mongo_uri, cfg)
+    alert = db.ZTF_alerts.find_one({"candid": 1127561445515015011})
+    assert alert["objectId"] == "ZTF20aajcbhr"
+    assert alert["coordinates"]["radec_geojson"]["coordinates"][0] == pytest.approx(
+        alert["candidate"]["ra"] - 180
+    )
+    assert "prv_candidates" not in alert and alert["cutoutScience"]["stampData"][:2] == b"\x1f\x8b"
+    aux = db.ZTF_alerts_aux.find_one({"_id": alert["objectId"]})
+    # upstream: 31 prv_candidates in the packet; the current detection is kept too
+    assert len(aux["prv_candidates"]) == 32
+    assert any(p.get("candid") == 1127561445515015011 for p in aux["prv_candidates"])
+    assert set(aux["cross_matches"]) == set(cfg.database.xmatch["ZTF"])
+    fp_alert = db.ZTF_alerts_aux.find_one(
+        {"_id": db.ZTF_alerts.find_one({"candid": 2475433850015010009})["objectId"]}
+    )
+    jds = [p["jd"] for p in fp_alert.get("fp_hists", [])]
+    assert jds == sorted(jds) and len(jds) == len(set(jds))
+
+
+def test_cross_match_radius_on_real_alert(
+    ingested: tuple[Config, Ingester], mongo_uri: str
+) -> None:
+    cfg, _ = ingested
+    db = db_of(mongo_uri, cfg)
+    aux = db.ZTF_alerts_aux.find_one({"_id": "ZTF20aaelulu"})
+    assert [m["_id"] for m in aux["cross_matches"]["Gaia_EDR3"]] == [1]
+    assert aux["cross_matches"]["Gaia_EDR3"][0]["phot_g_mean_mag"] == 17.2
+
+
+def test_filter_passes_exactly_the_expected_alerts(
+    ingested: tuple[Config, Ingester], mongo_uri: str
+) -> None:
+    cfg, _ = ingested
+    db = db_of(mongo_uri, cfg)
+    expected = set()
+    for path in ZTF_ALERTS.rglob("*.avro"):
+        cand = decode_packet(path.read_bytes())[0]["candidate"]
+        if (cand.get("drb") or 0) > 0.9:
+            expected.add(cand["candid"])
+    runs = list(db.filter_runs.find({"filter_id": 1}))
+    passed = {c for run in runs for c in run["passed"]}
+    ran_on = {c for run in runs for c in run["candids"]}
+    assert passed == expected and len(expected) > 10
+    assert ran_on == {d["candid"] for d in db.ZTF_alerts.find({}, {"candid": 1})}
+
+
+def test_bad_packet_goes_to_dead_letters(
+    test_environ: dict[str, str], kafka_bootstrap: str, mongo_uri: str, dask_client: Client
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    cfg = night_config(test_environ, kafka_bootstrap, tag)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    good = (ZTF_ALERTS / "20200202" / "1127561445515015011.avro").read_bytes()
+    producer.produce(f"ztf_20200202_programid1_{tag}", b"definitely not avro")
+    producer.produce(f"ztf_20200202_programid1_{tag}", good)
+    producer.flush(30)
+    run_ingester(cfg, dask_client, kafka_bootstrap, until_idle=3.0)
+    db = db_of(mongo_uri, cfg)
+    dead = list(db.dead_letters.find())
+    assert len(dead) == 1 and dead[0]["packet"] == b"definitely not avro"
+    assert "decode" in dead[0]["error"]
+    assert db.ZTF_alerts.count_documents({}) == 1
+
+
+def test_restart_and_crash_lose_and_duplicate_nothing(
+    test_environ: dict[str, str], kafka_bootstrap: str, mongo_uri: str, dask_client: Client
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    cfg = night_config(test_environ, kafka_bootstrap, tag, KOWALSKI__ingester__batch_size="4")
+    replay(kafka_bootstrap, sorted(ZTF_ALERTS.rglob("*.avro")), suffix=f"_{tag}", progress=False)
+    db = db_of(mongo_uri, cfg)
+
+    # 1. stop cleanly mid-stream: what is in flight is finished and committed
+    stop = threading.Event()
+    first = Ingester(cfg, dask_client, kafka_bootstrap, SURVEYS, group=f"g-{tag}")
+    watcher = threading.Thread(target=stop_when_committed, args=(first, 8, stop))
+    watcher.start()
+    first.run(stop=stop)
+    watcher.join()
+    stored_after_stop = db.ZTF_alerts.count_documents({})
+    assert 8 <= stored_after_stop < 38 and first.committed == stored_after_stop
+
+    # 2. a "crash": one batch processed and stored, but its offsets never committed
+    crashed = Ingester(cfg, dask_client, kafka_bootstrap, SURVEYS, group=f"g-{tag}")
+    while not crashed.poll_once() and not crashed.in_flight:
+        pass
+    crashed.in_flight[0].future.result()
+    crashed.in_flight.clear()  # the process "dies": its stored batch is never committed
+    crashed.consumer.close()
+    assert db.ZTF_alerts.count_documents({}) > stored_after_stop
+
+    # 3. restart: resumes at the committed offset; the re-delivered batch is recognised
+    last = run_ingester(cfg, dask_client, kafka_bootstrap, group=f"g-{tag}", until_idle=4.0)
+    assert db.ZTF_alerts.count_documents({}) == 38
+    assert len(db.ZTF_alerts.distinct("candid")) == 38
+    assert last.report.duplicates >= 1
+    assert first.committed + last.committed == 38
