@@ -10,7 +10,7 @@ from aiohttp import web
 from pymongo import UpdateOne
 
 from api.auth import admin_required, current_user, read_body
-from api.responses import BadRequest, NotFound, success
+from api.responses import BadRequest, NotFound, path_int, success
 from kowalski.config import Config
 
 KINDS = ("human_labels", "ml_scores")
@@ -107,7 +107,7 @@ async def classifications_get(request: web.Request) -> web.Response:
     """GET /api/classifications/{survey}/{candid}."""
     current_user(request)
     _, labels, object_key = _collections(request)
-    candid = int(request.match_info["candid"])
+    candid = path_int(request, "candid")
     doc = await labels.find_one({"_id": candid})
     if doc is None:
         raise NotFound(f"no classifications for candid {candid}")

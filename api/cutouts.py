@@ -11,7 +11,7 @@ import numpy as np
 from aiohttp import web
 
 from api.auth import current_user
-from api.responses import BadRequest, NotFound
+from api.responses import BadRequest, NotFound, path_int
 from kowalski.config import Config
 
 SURVEYS = ("ztf", "pgir", "wntr", "turbo")
@@ -123,7 +123,7 @@ async def cutout_get(request: web.Request) -> web.Response:
     if not collection:
         raise BadRequest(f"no alert collection configured for {survey}")
     field = cutout_field(survey, cutout)
-    flt: dict[str, Any] = {"candid": int(request.match_info["candid"])}
+    flt: dict[str, Any] = {"candid": path_int(request, "candid")}
     if survey == "ztf":
         flt["candidate.programid"] = {"$in": current_user(request).allowed_programids("ZTF")}
     doc = await request.app["db"][collection].find_one(flt, {field: 1})

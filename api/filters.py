@@ -12,7 +12,7 @@ from aiohttp import web
 from pymongo.errors import PyMongoError
 
 from api.auth import admin_required, read_body
-from api.responses import BadRequest, NotFound, success
+from api.responses import BadRequest, NotFound, path_int, success
 from api.safety import check_safe
 from kowalski.config import Config
 from kowalski.filtering import (
@@ -223,7 +223,7 @@ async def _get(request: web.Request, filter_id: int) -> dict[str, Any]:
 @admin_required
 async def filters_get(request: web.Request) -> web.Response:
     """GET /api/filters/{filter_id}."""
-    filter_id = int(request.match_info["filter_id"])
+    filter_id = path_int(request, "filter_id")
     return success(f"Retrieved filter id {filter_id}", await _get(request, filter_id))
 
 
@@ -272,7 +272,7 @@ async def filters_patch(request: web.Request) -> web.Response:
 @admin_required
 async def filters_delete(request: web.Request) -> web.Response:
     """DELETE /api/filters/{filter_id}."""
-    filter_id = int(request.match_info["filter_id"])
+    filter_id = path_int(request, "filter_id")
     result = await _filters(request).delete_one({"filter_id": filter_id})
     if result.deleted_count == 0:
         raise NotFound(f"Filter id {filter_id} not found")
@@ -297,7 +297,7 @@ def _jd(value: Any, field: str) -> float:
 async def filters_test(request: web.Request) -> web.Response:
     """POST /api/filters/{filter_id}/test: run a filter version over archived alerts."""
     cfg: Config = request.app["config"]
-    doc = await _get(request, int(request.match_info["filter_id"]))
+    doc = await _get(request, path_int(request, "filter_id"))
     body = await read_body(request)
     fid = body.get("filter_version")
     versions = {v["fid"]: v for v in doc["fv"]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
+from bson.errors import InvalidDocument
 from pymongo.errors import (
     ExecutionTimeout,
     OperationFailure,
@@ -50,6 +51,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except PyMongoError as exc:
         log.exception("database error")
         return error(f"database error: {type(exc).__name__}", 503)
+    except (InvalidDocument, OverflowError) as exc:
+        # user input that cannot be stored or queried as BSON (e.g. integers beyond 64 bits)
+        return error(f"value cannot be represented in the database: {exc}", 400)
     except (ValueError, TypeError, KeyError) as exc:
         return error(f"{type(exc).__name__}: {exc}", 400)
     except Exception:

@@ -92,3 +92,14 @@ async def stream_list(
     await response.write(b"]}")
     await response.write_eof()
     return response
+
+
+INT64_MAX = 2**63 - 1
+
+
+def path_int(request: web.Request, name: str) -> int:
+    """An integer path parameter (the route already requires digits), checked to fit in 64 bits."""
+    value = int(request.match_info[name])
+    if value > INT64_MAX:
+        raise BadRequest(f"{name} must be at most {INT64_MAX}")
+    return value

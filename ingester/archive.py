@@ -22,6 +22,7 @@ from ingester.mongify import (
     merge_prv_candidates,
 )
 from ingester.surveys import Survey
+from kowalski.config import Config
 
 Doc = dict[str, Any]
 # (positions, catalogs wanted per position) -> {catalog: matches} per position
@@ -155,3 +156,18 @@ async def insert_alerts(coll: AsyncCollection[Doc], docs: Sequence[Doc]) -> int:
         if any(e.get("code") != 11000 for e in errors):
             raise
         return int(exc.details.get("nInserted", len(docs) - len(errors)))
+
+
+def prepare_database(cfg: Config, surveys: Sequence[str]) -> None:
+    """Indexes of the alert collections, once, before any batch runs (not raced by workers)."""
+    from ingester.surveys import SURVEYS
+    from kowalski.db import ensure_indexes_sync, sync_client
+
+    if not cfg.database.build_indexes:
+        return
+    with sync_client(cfg) as client:
+        db = client[cfg.database.db]
+        for name in surveys:
+            ensure_indexes_sync(db, cfg, SURVEYS[name].alerts_collection(cfg))
+        runs = db[cfg.database.collections["filter_runs"]]
+        runs.create_index([("filter_id", 1), ("candids", 1)], name="filter_id_candids")

@@ -23,6 +23,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from distributed import Client, Future, WorkerPlugin, get_worker
 
+from ingester.archive import prepare_database
 from ingester.pipeline import BatchReport, Packet, Pipeline
 from ingester.surveys import SURVEYS, survey_for_topic
 from kowalski.config import Config
@@ -227,20 +228,6 @@ class Ingester:
         finally:
             self.consumer.close()
         return self.report
-
-
-def prepare_database(cfg: Config, surveys: list[str]) -> None:
-    """Indexes of the alert collections, once, before any batch runs (not raced by workers)."""
-    from kowalski.db import ensure_indexes_sync, sync_client
-
-    if not cfg.database.build_indexes:
-        return
-    with sync_client(cfg) as client:
-        db = client[cfg.database.db]
-        for name in surveys:
-            ensure_indexes_sync(db, cfg, SURVEYS[name].alerts_collection(cfg))
-        runs = db[cfg.database.collections["filter_runs"]]
-        runs.create_index([("filter_id", 1), ("candids", 1)], name="filter_id_candids")
 
 
 def start_cluster(cfg: Config, processes: bool = True) -> Client:

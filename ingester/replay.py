@@ -11,6 +11,7 @@ from confluent_kafka import Producer
 from tqdm import tqdm
 
 from ingester.decode import decode_packet
+from kowalski.config import Config
 
 JD_UNIX_EPOCH = 2440587.5
 PREFIXES = {"ZTF": "ztf", "PGIR": "pgir", "WNTR": "winter", "TURBO": "turbo"}
@@ -58,3 +59,39 @@ def replay(
     if remaining:
         raise RuntimeError(f"{remaining} packets were not delivered to Kafka")
     return counts
+
+
+def ingest_files(cfg: Config, files: Iterable[Path], batch_size: int = 64) -> dict[str, int]:
+    """Store packets straight through the pipeline (no Kafka): the same documents the streaming
+    ingester writes. Used for fixtures, benchmarks, and `up --local` without a broker."""
+    import asyncio
+
+    from ingester.archive import prepare_database
+    from ingester.ml import load_models
+    from ingester.pipeline import BatchReport, Packet, Pipeline
+    from ingester.surveys import SURVEYS
+    from kowalski.db import async_client
+
+    by_survey: dict[str, list[Path]] = {}
+    for path in sorted(files):
+        by_survey.setdefault(survey_of(path), []).append(path)
+
+    prepare_database(cfg, list(by_survey))
+
+    async def run() -> dict[str, int]:
+        client = async_client(cfg)
+        try:
+            pipeline = Pipeline(cfg, client[cfg.database.db], {"ZTF": load_models(cfg, "ZTF")})
+            stored: dict[str, int] = {}
+            for survey, paths in by_survey.items():
+                report = BatchReport()
+                for start in range(0, len(paths), batch_size):
+                    chunk = paths[start : start + batch_size]
+                    packets = [Packet(p.name, 0, i, p.read_bytes()) for i, p in enumerate(chunk)]
+                    report.add(await pipeline.process(SURVEYS[survey], packets))
+                stored[survey] = report.stored
+            return stored
+        finally:
+            await client.close()
+
+    return asyncio.run(run())

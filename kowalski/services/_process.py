@@ -60,7 +60,9 @@ def wait_until(
     raise ServiceError(f"{what} did not become ready within {timeout:.0f} s: {tail(log)}")
 
 
-def start_process(cmd: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def start_process(
+    cmd: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         return subprocess.Popen(
@@ -69,7 +71,7 @@ def start_process(cmd: list[str], log: Path, cwd: Path | None = None) -> subproc
             stderr=subprocess.STDOUT,
             cwd=cwd,
             start_new_session=True,
-            env={**os.environ},
+            env=dict(os.environ if env is None else env),
         )
 
 
