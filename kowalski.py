@@ -107,6 +107,14 @@ def ensure_keyfile() -> None:
         keyfile.chmod(0o400)
 
 
+def ensure_user_config() -> None:
+    """The compose files mount config.yaml; a missing file would become a directory."""
+    user = ROOT / "config.yaml"
+    if not user.exists():
+        user.write_text("# overrides of config.defaults.yaml (deep-merged)\nkowalski: {}\n")
+        print("created an empty config.yaml (overrides of config.defaults.yaml)")
+
+
 def docker_compose() -> list[str]:
     docker = shutil.which("docker")
     if not docker:
@@ -117,6 +125,7 @@ def docker_compose() -> list[str]:
     probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True)
     if probe.returncode != 0:
         fail("'docker compose' is not available: install the Docker compose plugin")
+    ensure_user_config()
     if not COMPOSE_FILE.exists():
         shutil.copy(COMPOSE_DEFAULTS, COMPOSE_FILE)
         print(f"created {COMPOSE_FILE.name} from {COMPOSE_DEFAULTS.name}")

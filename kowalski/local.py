@@ -37,7 +37,9 @@ def pid_file(cfg: Config) -> Path:
 
 def bundled_alerts() -> list[Path]:
     data = ROOT / "data"
-    return sorted([*(data / "ztf_alerts").rglob("*.avro"), *(data / "other_alerts").rglob("*.avro")])
+    return sorted(
+        [*(data / "ztf_alerts").rglob("*.avro"), *(data / "other_alerts").rglob("*.avro")]
+    )
 
 
 def say(message: str) -> None:
@@ -47,7 +49,9 @@ def say(message: str) -> None:
 def _detach(replay: bool) -> int:
     cfg = load_config()
     log = var_dir(cfg) / "logs" / "local.log"
-    cmd = [sys.executable, str(ROOT / "kowalski.py"), "up", "--local"] + ([] if replay else ["--no-replay"])
+    cmd = [sys.executable, str(ROOT / "kowalski.py"), "up", "--local"] + (
+        [] if replay else ["--no-replay"]
+    )
     proc = start_process(cmd, log, cwd=ROOT)
     url = f"http://127.0.0.1:{cfg.server.port}/docs/api/openapi.json"
     try:
@@ -55,7 +59,9 @@ def _detach(replay: bool) -> int:
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    say(f"running in the background (pid {proc.pid}); logs: {log}; stop with ./kowalski.py down --local")
+    say(
+        f"running in the background (pid {proc.pid}); logs: {log}; stop with ./kowalski.py down --local"
+    )
     return 0
 
 
@@ -91,7 +97,10 @@ def run_local(replay: bool = True, detach: bool = False) -> int:
         else:
             try:
                 kafka = LocalKafka(
-                    var / "kafka", cfg.local.kafka_port, cfg.local.kafka_controller_port, var / "kafka-libs"
+                    var / "kafka",
+                    cfg.local.kafka_port,
+                    cfg.local.kafka_controller_port,
+                    var / "kafka-libs",
                 ).start()
                 stack.append(kafka)
                 bootstrap = kafka.bootstrap_servers
@@ -109,7 +118,9 @@ def run_local(replay: bool = True, detach: bool = False) -> int:
         cfg = load_config()
         api = ApiServer(cfg, cfg.server.port, logs / "api.log", env, host=cfg.server.host).start()
         stack.append(api)
-        say(f"API on http://127.0.0.1:{cfg.server.port} (docs at /docs/api, admin user '{cfg.server.admin_username}')")
+        say(
+            f"API on http://127.0.0.1:{cfg.server.port} (docs at /docs/api, admin user '{cfg.server.admin_username}')"
+        )
 
         # ingester + alerts
         if bootstrap:
@@ -121,7 +132,9 @@ def run_local(replay: bool = True, detach: bool = False) -> int:
                 from ingester.replay import replay as replay_alerts
 
                 counts = replay_alerts(bootstrap, bundled_alerts())
-                say(f"replayed {sum(counts.values())} bundled alerts to {len(counts)} nightly topics")
+                say(
+                    f"replayed {sum(counts.values())} bundled alerts to {len(counts)} nightly topics"
+                )
         elif replay:
             from ingester.replay import ingest_files
 
@@ -132,7 +145,9 @@ def run_local(replay: bool = True, detach: bool = False) -> int:
         while not stop.wait(1.0):
             for item in stack:
                 if isinstance(item, subprocess.Popen) and item.poll() is not None:
-                    raise ServiceError(f"ingester exited with code {item.returncode}; see {logs / 'ingester.log'}")
+                    raise ServiceError(
+                        f"ingester exited with code {item.returncode}; see {logs / 'ingester.log'}"
+                    )
                 if isinstance(item, ApiServer) and item.process and item.process.poll() is not None:
                     raise ServiceError(f"the API exited; see {logs / 'api.log'}")
         return 0
