@@ -260,8 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASSTHROUGH = {"test": "pytest_args", "bench": "bench_args"}
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] in PASSTHROUGH and not {"-h", "--help"} & set(argv[1:]):
+        # everything after `test` / `bench` goes to pytest / the benchmark unchanged
+        args = parser.parse_args(argv[:1])
+        setattr(args, PASSTHROUGH[argv[0]], argv[1:])
+    else:
+        args = parser.parse_args(argv)
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
     args.func(args)
