@@ -16,7 +16,7 @@ from api.auth import UserCache, auth_post, hash_password
 from api.middlewares import auth_middleware, error_middleware
 from api.responses import success
 from kowalski.config import Config, load_config
-from kowalski.db import async_client, ensure_indexes
+from kowalski.db import async_client, create_index, ensure_indexes
 
 log = logging.getLogger("kowalski.api")
 
@@ -51,7 +51,7 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
     app["db"] = client[cfg.database.db]
     await ensure_admin(app)
     filters_coll = app["db"][cfg.database.collections["filters"]]
-    await filters_coll.create_index([("filter_id", 1)], name="filter_id", unique=True)
+    await create_index(filters_coll, [("filter_id", 1)], "filter_id", unique=True)
     if cfg.database.build_indexes:
         for key in ("skymaps", "alerts_ztf_classifications"):
             await ensure_indexes(app["db"], cfg, cfg.database.collections[key])

@@ -161,7 +161,7 @@ async def insert_alerts(coll: AsyncCollection[Doc], docs: Sequence[Doc]) -> int:
 def prepare_database(cfg: Config, surveys: Sequence[str]) -> None:
     """Indexes of the alert collections, once, before any batch runs (not raced by workers)."""
     from ingester.surveys import SURVEYS
-    from kowalski.db import ensure_indexes_sync, sync_client
+    from kowalski.db import create_index_sync, ensure_indexes_sync, sync_client
 
     if not cfg.database.build_indexes:
         return
@@ -170,4 +170,4 @@ def prepare_database(cfg: Config, surveys: Sequence[str]) -> None:
         for name in surveys:
             ensure_indexes_sync(db, cfg, SURVEYS[name].alerts_collection(cfg))
         runs = db[cfg.database.collections["filter_runs"]]
-        runs.create_index([("filter_id", 1), ("candids", 1)], name="filter_id_candids")
+        create_index_sync(runs, [("filter_id", 1), ("candids", 1)], "filter_id_candids")

@@ -52,34 +52,46 @@ def _index_keys(spec: IndexSpec) -> list[tuple[str, int | str]]:
 
 
 INDEX_CONFLICT_CODES = (85, 86)  # IndexOptionsConflict, IndexKeySpecsConflict
+IndexKeys = list[tuple[str, int | str]]
 
 
-def _same_index(existing: dict[str, Any], spec: IndexSpec) -> bool:
-    info = existing.get(spec.name)
-    return bool(info) and [tuple(k) for k in info["key"]] == _index_keys(spec)
+def _same_index(existing: dict[str, Any], name: str, keys: IndexKeys) -> bool:
+    info = existing.get(name)
+    return bool(info) and [tuple(k) for k in info["key"]] == list(keys)
+
+
+def create_index_sync(coll: Any, keys: IndexKeys, name: str, unique: bool = False) -> str:
+    """create_index that accepts an identical index already there (servers differ in whether
+    re-creating one, or two processes racing to create it, is an error)."""
+    try:
+        return str(coll.create_index(keys, name=name, unique=unique))
+    except OperationFailure as exc:
+        if exc.code in INDEX_CONFLICT_CODES and _same_index(coll.index_information(), name, keys):
+            return name
+        raise
+
+
+async def create_index(coll: Any, keys: IndexKeys, name: str, unique: bool = False) -> str:
+    try:
+        return str(await coll.create_index(keys, name=name, unique=unique))
+    except OperationFailure as exc:
+        if exc.code in INDEX_CONFLICT_CODES and _same_index(
+            await coll.index_information(), name, keys
+        ):
+            return name
+        raise
 
 
 async def ensure_indexes(db: AsyncDatabase[Document], cfg: Config, collection: str) -> list[str]:
     """Create the configured indexes of `collection` (idempotent, safe to race); their names."""
-    for spec in cfg.database.indexes.get(collection, []):
-        try:
-            await db[collection].create_index(_index_keys(spec), name=spec.name, unique=spec.unique)
-        except OperationFailure as exc:
-            # created already (or by another process at the same moment): fine if identical
-            if exc.code not in INDEX_CONFLICT_CODES or not _same_index(
-                await db[collection].index_information(), spec
-            ):
-                raise
-    return [spec.name for spec in cfg.database.indexes.get(collection, [])]
+    return [
+        await create_index(db[collection], _index_keys(spec), spec.name, spec.unique)
+        for spec in cfg.database.indexes.get(collection, [])
+    ]
 
 
 def ensure_indexes_sync(db: Database[Document], cfg: Config, collection: str) -> list[str]:
-    for spec in cfg.database.indexes.get(collection, []):
-        try:
-            db[collection].create_index(_index_keys(spec), name=spec.name, unique=spec.unique)
-        except OperationFailure as exc:
-            if exc.code not in INDEX_CONFLICT_CODES or not _same_index(
-                db[collection].index_information(), spec
-            ):
-                raise
-    return [spec.name for spec in cfg.database.indexes.get(collection, [])]
+    return [
+        create_index_sync(db[collection], _index_keys(spec), spec.name, spec.unique)
+        for spec in cfg.database.indexes.get(collection, [])
+    ]

@@ -1,0 +1,1 @@
+"""Catalog ingestion: generic (FITS, CSV, Parquet, HDF5) and the upstream survey ingesters."""
