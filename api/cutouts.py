@@ -13,6 +13,7 @@ from aiohttp import web
 from api.auth import current_user
 from api.responses import BadRequest, NotFound, path_int
 from kowalski.config import Config
+from kowalski.fits import read_stamp
 
 SURVEYS = ("ztf", "pgir", "wntr", "turbo")
 CUTOUTS = ("science", "template", "difference")
@@ -32,13 +33,18 @@ def stamp_bytes(value: Any) -> tuple[bytes, str | None]:
     return bytes(value or b""), None
 
 
-def read_image(gz_fits: bytes, survey: str) -> tuple[np.ndarray, Any]:
-    from astropy.io import fits
+def read_image(gz_fits: bytes, survey: str, with_header: bool) -> tuple[np.ndarray, Any]:
+    """The oriented image (and, for FITS downloads, the astropy header)."""
+    header = None
+    if with_header:
+        from astropy.io import fits
 
-    raw = gzip.decompress(gz_fits) if gz_fits[:2] == b"\x1f\x8b" else gz_fits
-    with fits.open(io.BytesIO(raw), ignore_missing_simple=True) as hdul:
-        data = np.array(hdul[0].data, dtype=np.float64)
-        header = hdul[0].header.copy()
+        raw = gzip.decompress(gz_fits) if gz_fits[:2] == b"\x1f\x8b" else gz_fits
+        with fits.open(io.BytesIO(raw), ignore_missing_simple=True) as hdul:
+            data = np.array(hdul[0].data, dtype=np.float64)
+            header = hdul[0].header.copy()
+    else:
+        data = np.asarray(read_stamp(gz_fits), dtype=np.float64)
     if survey in ("ztf", "turbo"):
         data = np.flipud(data)
     elif survey == "pgir":
@@ -132,7 +138,9 @@ async def cutout_get(request: web.Request) -> web.Response:
     gz_fits, file_name = stamp_bytes(doc[field])
     loop = asyncio.get_running_loop()
     try:
-        data, header = await loop.run_in_executor(None, read_image, gz_fits, survey)
+        data, header = await loop.run_in_executor(
+            None, read_image, gz_fits, survey, file_format == "fits"
+        )
     except (OSError, ValueError) as exc:
         raise BadRequest(f"stored cutout cannot be read as FITS: {exc}") from None
     if file_format == "fits":

@@ -135,7 +135,7 @@ async def check_options(
             raise BadRequest("auto_followup.pipeline is required")
         order = auto_followup.get("priority_order")
         if order is not None:
-            if order not in ("asc", "desc"):
+            if not isinstance(order, str) or order not in ("asc", "desc"):
                 raise BadRequest("auto_followup.priority_order must be 'asc' or 'desc'")
             clash = await _filters(request).find_one(
                 {
@@ -163,7 +163,7 @@ async def filters_post(request: web.Request) -> web.Response:
     body = await read_body(request)
     group_id, filter_id = positive_int(body, "group_id"), positive_int(body, "filter_id")
     catalog = body.get("catalog")
-    if catalog not in cfg.database.filters:
+    if not isinstance(catalog, str) or catalog not in cfg.database.filters:
         raise BadRequest(f"catalog must be one of {sorted(cfg.database.filters)}, got {catalog!r}")
     permissions = body.get("permissions", [])
     if not isinstance(permissions, list) or not all(
@@ -252,7 +252,9 @@ async def filters_patch(request: web.Request) -> web.Response:
             raise BadRequest("active must be a boolean")
         update["active"] = body["active"]
     if "active_fid" in body:
-        if body["active_fid"] not in {v["fid"] for v in doc["fv"]}:
+        if not isinstance(body["active_fid"], str) or body["active_fid"] not in {
+            v["fid"] for v in doc["fv"]
+        }:
             raise BadRequest(f"filter version fid {body['active_fid']} not in filter.fv")
         update["active_fid"] = body["active_fid"]
     if "update_annotations" in body:
@@ -301,7 +303,7 @@ async def filters_test(request: web.Request) -> web.Response:
     body = await read_body(request)
     fid = body.get("filter_version")
     versions = {v["fid"]: v for v in doc["fv"]}
-    if fid is not None and fid not in versions:
+    if fid is not None and (not isinstance(fid, str) or fid not in versions):
         raise BadRequest(f"filter version fid {fid} not in filter.fv")
     version = versions[fid] if fid else doc["fv"][-1]
     object_ids = body.get("object_ids")

@@ -54,7 +54,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except (InvalidDocument, OverflowError) as exc:
         # user input that cannot be stored or queried as BSON (e.g. integers beyond 64 bits)
         return error(f"value cannot be represented in the database: {exc}", 400)
-    except (ValueError, TypeError, KeyError) as exc:
+    except ValueError as exc:  # conversions of user input (int(), dates, ...)
         return error(f"{type(exc).__name__}: {exc}", 400)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)

@@ -21,6 +21,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from api.auth import User, current_user, read_body
 from api.responses import BadRequest, Forbidden, NotFound, stream_list, success
 from api.safety import check_safe, parse_json_arg, referenced_collections
+from kowalski import cones
 from kowalski.config import Config
 from kowalski.coords import RADIUS_TO_RAD, cone_clause, parse_dec, parse_ra
 from kowalski.db import system_collection_names
@@ -306,6 +307,8 @@ async def q_aggregate(ctx: QueryContext, query: dict[str, Any]) -> web.StreamRes
 
 async def q_info(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
     command = query.get("command")
+    if not isinstance(command, str):
+        command = None
     if command == "catalog_names":
         hidden = set() if ctx.user.admin else system_collection_names(ctx.cfg)
         names = [
@@ -357,7 +360,7 @@ def parse_radec(value: Any) -> dict[str, tuple[float, float]]:
 
 
 def radius_in_rad(value: Any, unit: Any, field: str) -> float:
-    if unit not in RADIUS_TO_RAD:
+    if not isinstance(unit, str) or unit not in RADIUS_TO_RAD:
         raise BadRequest(f"{field} unit must be one of {sorted(RADIUS_TO_RAD)}, got {unit!r}")
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise BadRequest(f"{field} must be a non-negative number")
@@ -414,6 +417,7 @@ async def q_cone_search(ctx: QueryContext, query: dict[str, Any]) -> web.StreamR
     objects = parse_radec(coords.get("radec"))
     catalogs = get_catalogs(ctx, query)
     filter_first = bool(ctx.kwargs.get("filter_first", False))
+    per_object = any(ctx.kwargs.get(k) is not None for k in ("skip", "limit", "sort", "hint"))
 
     async def run(catalog: str, spec: dict[str, Any], ra: float, dec: float) -> list[Any]:
         cone = cone_clause(ra, dec, radius)
@@ -422,7 +426,45 @@ async def q_cone_search(ctx: QueryContext, query: dict[str, Any]) -> web.StreamR
         cursor = await find_docs(ctx, ctx.db[catalog], flt, spec["projection"])
         return await cursor.to_list()
 
-    return success(MESSAGE, await gather_positional(ctx, catalogs, objects, run))
+    if per_object:  # skip/limit/sort/hint apply to each object's query, as upstream
+        return success(MESSAGE, await gather_positional(ctx, catalogs, objects, run))
+    return success(MESSAGE, await batched_cones(ctx, catalogs, objects, radius, run))
+
+
+async def batched_cones(
+    ctx: QueryContext,
+    catalogs: dict[str, dict[str, Any]],
+    objects: dict[str, tuple[float, float]],
+    radius: float,
+    run: Callable[[str, dict[str, Any], float, float], Awaitable[list[Any]]],
+) -> dict[str, dict[str, list[Any]]]:
+    """One `$or` query per catalog per chunk of objects, documents assigned back by distance
+    (same results as one query per object, far fewer round trips)."""
+    names = list(objects)
+    positions = [objects[n] for n in names]
+    semaphore = asyncio.Semaphore(CONE_CONCURRENCY)
+
+    async def one_catalog(catalog: str, spec: dict[str, Any]) -> dict[str, list[Any]]:
+        plan = cones.projection_with_position(spec["projection"])
+        if plan is None:  # the projection hides positions: query per object
+            docs = await asyncio.gather(*(run(catalog, spec, *objects[n]) for n in names))
+            return dict(zip(names, docs, strict=True))
+        projection, strip = plan
+        found: dict[str, list[Any]] = {}
+        for start, chunk in cones.chunks(positions):
+            query = cones.any_cone(chunk, radius)
+            if spec["filter"]:
+                query = {"$and": [query, spec["filter"]]}
+            async with semaphore:
+                docs = await (await find_docs(ctx, ctx.db[catalog], query, projection)).to_list()
+            for offset, matches in enumerate(cones.assign(docs, chunk, radius)):
+                found[names[start + offset]] = [
+                    cones.strip_position(d) if strip else d for d, _ in matches
+                ]
+        return found
+
+    results = await asyncio.gather(*(one_catalog(c, spec) for c, spec in catalogs.items()))
+    return dict(zip(catalogs, results, strict=True))
 
 
 async def q_near(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
@@ -539,7 +581,7 @@ async def queries_post(request: web.Request) -> web.StreamResponse:
     """POST /api/queries: run a query (see the OpenAPI docs for every query type)."""
     body = await read_body(request)
     query_type = body.get("query_type")
-    if query_type not in QUERY_TYPES:
+    if not isinstance(query_type, str) or query_type not in QUERY_TYPES:
         raise BadRequest(f"query_type must be one of {sorted(QUERY_TYPES)}, got {query_type!r}")
     query = parse_json_arg(body.get("query", {}), "query")
     kwargs = parse_json_arg(body.get("kwargs") or {}, "kwargs")

@@ -149,7 +149,7 @@ class Pipeline:
         records = [r for _, r in fresh.values()]
 
         with timer("ml"):
-            scores = ml.score_batch(self.models.get(survey.name, []), records)
+            scores = ml.score_batch(self.models.get(survey.name, []), records, cfg.ml.batch_size)
 
         with timer("mongify"):
             parts: list[Parts] = []

@@ -12,46 +12,18 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
+from kowalski import cones
+from kowalski.cones import projection_with_position
 from kowalski.config import XMatchCatalog
-from kowalski.coords import RADIUS_TO_RAD, cone_clause, great_circle_distance
+from kowalski.coords import RADIUS_TO_RAD
 
 log = logging.getLogger("kowalski.ingester.xmatch")
 
 SPEED_OF_LIGHT_KMS = 299792.458
 HUBBLE_CONSTANT = 67.66  # km/s/Mpc
-GEO_FIELD = "coordinates.radec_geojson"
-POSITIONS_PER_QUERY = 64
-
-
-def _projection(spec: XMatchCatalog) -> tuple[dict[str, Any] | None, bool]:
-    """The projection to query with, and whether the position must be stripped afterwards."""
-    projection = dict(spec.projection)
-    inclusive = any(v for k, v in projection.items() if k != "_id")
-    if not projection or not inclusive:
-        return projection or None, False
-    needs_strip = not any(k in projection for k in (GEO_FIELD, "coordinates"))
-    projection[GEO_FIELD] = 1
-    return projection, needs_strip
-
-
-def _position(doc: dict[str, Any]) -> tuple[float, float]:
-    lon, lat = doc["coordinates"]["radec_geojson"]["coordinates"]
-    return lon + 180.0, lat
-
-
-def _strip_position(doc: dict[str, Any]) -> dict[str, Any]:
-    coords = dict(doc.get("coordinates", {}))
-    coords.pop("radec_geojson", None)
-    out = dict(doc)
-    if coords:
-        out["coordinates"] = coords
-    else:
-        out.pop("coordinates", None)
-    return out
 
 
 def galaxy_radius_arcsec(spec: XMatchCatalog, doc: dict[str, Any]) -> tuple[float, float | None]:
@@ -77,28 +49,24 @@ async def match_catalog(
 ) -> list[list[dict[str, Any]]]:
     """Matches of `catalog` for each position (same order)."""
     radius_rad = spec.cone_search_radius * RADIUS_TO_RAD[spec.cone_search_unit]
-    radius_deg = math.degrees(radius_rad)
-    projection, strip = _projection(spec)
+    # a configured projection hiding the position is overridden: matching needs it
+    projection, strip = projection_with_position(spec.projection or None) or (
+        {**spec.projection, "coordinates.radec_geojson": 1},
+        True,
+    )
     results: list[list[dict[str, Any]]] = [[] for _ in positions]
-    for start in range(0, len(positions), POSITIONS_PER_QUERY):
-        chunk = positions[start : start + POSITIONS_PER_QUERY]
-        cones = [cone_clause(ra, dec, radius_rad) for ra, dec in chunk]
-        query: dict[str, Any] = {"$or": cones} if len(cones) > 1 else cones[0]
+    for start, chunk in cones.chunks(positions):
+        query = cones.any_cone(chunk, radius_rad)
         if spec.filter:
             query = {"$and": [query, spec.filter]}
         docs = await db[catalog].find(query, projection).to_list()
-        if not docs:
-            continue
-        cat_pos = np.array([_position(d) for d in docs])
-        for offset, (ra, dec) in enumerate(chunk):
-            sep_deg = great_circle_distance(ra, dec, cat_pos[:, 0], cat_pos[:, 1])
-            for j in np.flatnonzero(sep_deg <= radius_deg * (1 + 1e-9)):
-                doc = docs[int(j)]
+        for offset, matches in enumerate(cones.assign(docs, chunk, radius_rad)):
+            for doc, sep_deg in matches:
                 if spec.use_distance:
-                    doc = _with_distance(spec, doc, float(sep_deg[j]) * 3600.0)
+                    doc = _with_distance(spec, doc, sep_deg * 3600.0)
                     if doc is None:
                         continue
-                results[start + offset].append(_strip_position(doc) if strip else doc)
+                results[start + offset].append(cones.strip_position(doc) if strip else doc)
     return results
 
 

@@ -142,6 +142,7 @@ class InstrumentML(_Strict):
 class ML(_Strict):
     backend: Literal["onnx", "tensorflow"]
     models_path: str
+    batch_size: int = Field(default=16, ge=1)
     ZTF: InstrumentML = InstrumentML()
     PGIR: InstrumentML = InstrumentML()
     WNTR: InstrumentML = InstrumentML()

@@ -198,7 +198,7 @@ async def test_api_cone_search_finds_ingested_sources(
             },
         },
     )
-    assert response.status == 200
+    assert response.status == 200, await response.text()
     data = (await response.json())["data"]["VLASS_DR1"]
     for name in radec:
         key = name.replace(".", "_")
