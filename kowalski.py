@@ -134,12 +134,9 @@ def docker_compose() -> list[str]:
 
 def check_config() -> None:
     """Validate config.defaults.yaml + config.yaml + environment; exit with the key at fault."""
-    from kowalski.config import ConfigError, load_config
+    from kowalski.config import load_config_or_exit
 
-    try:
-        load_config()
-    except ConfigError as exc:
-        fail(str(exc))
+    load_config_or_exit()
 
 
 # ---------------------------------------------------------------- commands

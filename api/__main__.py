@@ -4,17 +4,13 @@
 from __future__ import annotations
 
 import os
-import sys
 
-from kowalski.config import ConfigError, load_config
+from kowalski.config import load_config_or_exit
 from kowalski.services.api import gunicorn_command
 
 
 def main() -> None:
-    try:
-        cfg = load_config()
-    except ConfigError as exc:
-        sys.exit(f"error: {exc}")
+    cfg = load_config_or_exit()
     cmd = gunicorn_command(cfg, cfg.server.host, cfg.server.port)
     os.execv(cmd[0], cmd)
 

@@ -66,15 +66,21 @@ class QueryContext:
             return hint
         return parse_sort(hint, field="hint")
 
-    def cursor_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"max_time_ms": self.max_time_ms, "comment": self.user.username}
+    def paging(self) -> dict[str, Any]:
+        """skip / limit / hint as given (validated)."""
+        options: dict[str, Any] = {}
         for name in ("skip", "limit"):
             if (value := self.count_kw(name)) is not None:
                 options[name] = value
-        if (sort := self.sort) is not None:
-            options["sort"] = sort
         if (hint := self.hint) is not None:
             options["hint"] = hint
+        return options
+
+    def cursor_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"max_time_ms": self.max_time_ms, "comment": self.user.username}
+        options.update(self.paging())
+        if (sort := self.sort) is not None:
+            options["sort"] = sort
         return options
 
 
@@ -214,6 +220,18 @@ async def respond_cursor(ctx: QueryContext, cursor: Any) -> web.StreamResponse:
     return success(MESSAGE, first)
 
 
+def paging_stages(options: dict[str, Any]) -> list[dict[str, Any]]:
+    """sort / skip / limit cursor options as aggregation stages."""
+    stages: list[dict[str, Any]] = []
+    if "sort" in options:
+        stages.append({"$sort": dict(options["sort"])})
+    if "skip" in options:
+        stages.append({"$skip": options["skip"]})
+    if options.get("limit"):
+        stages.append({"$limit": options["limit"]})
+    return stages
+
+
 async def find_docs(
     ctx: QueryContext,
     coll: AsyncCollection[dict[str, Any]],
@@ -227,12 +245,7 @@ async def find_docs(
         options["limit"] = 1
     if restricted_kind(ctx.cfg, coll.name) == "aux" and not ctx.user.sees_everything():
         pipeline: list[dict[str, Any]] = [{"$match": flt}, history_stage(ctx), {"$match": flt}]
-        if "sort" in options:
-            pipeline.append({"$sort": dict(options["sort"])})
-        if "skip" in options:
-            pipeline.append({"$skip": options["skip"]})
-        if options.get("limit"):
-            pipeline.append({"$limit": options["limit"]})
+        pipeline += paging_stages(options)
         if projection:
             pipeline.append({"$project": projection})
         agg_options: dict[str, Any] = {
@@ -263,12 +276,7 @@ async def q_find_one(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResp
 
 async def q_count_documents(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
     catalog = check_catalog(ctx, query.get("catalog"))
-    options: dict[str, Any] = {"maxTimeMS": ctx.max_time_ms, "comment": ctx.user.username}
-    for name in ("skip", "limit"):
-        if (value := ctx.count_kw(name)) is not None:
-            options[name] = value
-    if (hint := ctx.hint) is not None:
-        options["hint"] = hint
+    options = {"maxTimeMS": ctx.max_time_ms, "comment": ctx.user.username, **ctx.paging()}
     flt = restrict_filter(ctx, catalog, get_filter(query))
     return success(MESSAGE, await ctx.db[catalog].count_documents(flt, **options))
 
@@ -496,12 +504,7 @@ async def q_near(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse
         ]
         if restricted_kind(ctx.cfg, catalog) == "aux" and not ctx.user.sees_everything():
             pipeline.append(history_stage(ctx))
-        if "sort" in options:
-            pipeline.append({"$sort": dict(options["sort"])})
-        if "skip" in options:
-            pipeline.append({"$skip": options["skip"]})
-        if options.get("limit"):
-            pipeline.append({"$limit": options["limit"]})
+        pipeline += paging_stages(options)
         pipeline.append({"$unset": "__near_distance"})
         if spec["projection"]:
             pipeline.append({"$project": spec["projection"]})

@@ -10,7 +10,7 @@ import threading
 
 from ingester.consumer import Ingester, enabled_surveys, start_cluster
 from ingester.surveys import SURVEYS
-from kowalski.config import ConfigError, load_config
+from kowalski.config import load_config_or_exit
 from kowalski.services.kafka import broker_ready
 
 
@@ -26,11 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", action="store_true", help="dask workers as threads, not processes"
     )
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    cfg = load_config_or_exit()
     logging.basicConfig(
         level=cfg.misc.logging_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

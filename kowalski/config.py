@@ -302,3 +302,14 @@ def load_config() -> Config:
     """The process-wide configuration (config.yaml + environment), validated once."""
     extra = os.environ.get("KOWALSKI_CONFIG")
     return build_config([Path(extra)] if extra else None)
+
+
+def load_config_or_exit() -> Config:
+    """For entry points: the configuration, or exit with its one-line error."""
+    import sys
+
+    try:
+        return load_config()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -11,7 +11,7 @@ from pathlib import Path
 from kowalski.catalogs.ingest import Columns, frame_chunks, ingest_chunks
 from kowalski.catalogs.readers import ReadError, count_rows, read_chunks
 from kowalski.catalogs.synthetic import generate
-from kowalski.config import ConfigError, load_config
+from kowalski.config import load_config_or_exit
 from kowalski.db import sync_client
 
 
@@ -32,11 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--radius", type=float, help="degrees (with --center)")
     syn.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    cfg = load_config_or_exit()
     with sync_client(cfg) as client:
         db = client[cfg.database.db]
         try:

@@ -65,6 +65,37 @@ def _read_table(path: Path, key: str) -> pd.DataFrame:
         return table_to_frame(h5.get_node(key).read())
 
 
+def _ingest_matchfile(
+    db: Database[Doc],
+    path: Path,
+    sources: pd.DataFrame,
+    exposures: pd.DataFrame,
+    collections: tuple[str, str],
+    **kw: Any,
+) -> list[Report]:
+    """The two halves of a matchfile: sources (with light curves) and exposures."""
+    return [
+        ingest_chunks(
+            db,
+            collections[0],
+            frame_chunks(sources, CHUNK_ROWS),
+            Columns("ra", "dec", "_id"),
+            path.name,
+            len(sources),
+            **kw,
+        ),
+        ingest_chunks(
+            db,
+            collections[1],
+            frame_chunks(exposures, CHUNK_ROWS),
+            Columns(None, None, "expid", int),
+            f"{path.name}:exposures",
+            len(exposures),
+            **kw,
+        ),
+    ]
+
+
 def ptf_matchfiles(
     db: Database[Doc],
     paths: list[Path],
@@ -88,29 +119,8 @@ def ptf_matchfiles(
             int(f"{field}{filt:02d}{chip:02d}{m:08d}") for m in frame["matchedSourceID"]
         ]
         frame["field"], frame["filter"], frame["chip"] = field, filt, chip
-        reports.append(
-            ingest_chunks(
-                db,
-                sources,
-                frame_chunks(frame, CHUNK_ROWS),
-                Columns("ra", "dec", "_id"),
-                path.name,
-                len(frame),
-                **kw,
-            )
-        )
-        exp = _read_table(path, f"{base}/exposures")
-        reports.append(
-            ingest_chunks(
-                db,
-                exposures,
-                frame_chunks(exp, CHUNK_ROWS),
-                Columns(None, None, "expid", int),
-                f"{path.name}:exposures",
-                len(exp),
-                **kw,
-            )
-        )
+        exposures_frame = _read_table(path, f"{base}/exposures")
+        reports += _ingest_matchfile(db, path, frame, exposures_frame, (sources, exposures), **kw)
     return reports
 
 
@@ -146,28 +156,9 @@ def ztf_matchfiles(
             quad,
             rc,
         )
-        reports.append(
-            ingest_chunks(
-                db,
-                f"ZTF_sources_{tag}",
-                frame_chunks(frame, CHUNK_ROWS),
-                Columns("ra", "dec", "_id"),
-                path.name,
-                len(frame),
-                **kw,
-            )
-        )
-        exp = _read_table(path, "/matches/exposures")
-        reports.append(
-            ingest_chunks(
-                db,
-                f"ZTF_exposures_{tag}",
-                frame_chunks(exp, CHUNK_ROWS),
-                Columns(None, None, "expid", int),
-                f"{path.name}:exposures",
-                len(exp),
-                **kw,
-            )
+        exposures_frame = _read_table(path, "/matches/exposures")
+        reports += _ingest_matchfile(
+            db, path, frame, exposures_frame, (f"ZTF_sources_{tag}", f"ZTF_exposures_{tag}"), **kw
         )
     return reports
 
