@@ -134,7 +134,7 @@ class Ingester:
                 "session.timeout.ms": 10000,
                 "max.poll.interval.ms": 900000,
                 "fetch.wait.max.ms": 100,
-                "topic.metadata.refresh.interval.ms": 30000,
+                "topic.metadata.refresh.interval.ms": 5000,
                 "fetch.message.max.bytes": 10_485_760,
             }
         )
@@ -178,7 +178,7 @@ class Ingester:
                 )
                 time.sleep(delay)
                 head.future = self.client.submit(
-                    process_packets, head.survey, head.packets, pure=False
+                    process_packets, self.runtime, head.survey, head.packets, pure=False
                 )
                 head.attempts += 1
                 continue
@@ -210,20 +210,26 @@ class Ingester:
         return sum(len(p) for p in by_survey.values())
 
     def run(
-        self, stop: threading.Event | None = None, until_idle: float | None = None
+        self,
+        stop: threading.Event | None = None,
+        until_idle: float | None = None,
+        assignment_timeout: float = 90.0,
     ) -> BatchReport:
-        """Consume until `stop` is set, or until nothing arrived for `until_idle` seconds."""
-        last_message = time.monotonic()
+        """Consume until `stop` is set, or until nothing arrived for `until_idle` seconds after
+        partitions were assigned (or `assignment_timeout` passed without any)."""
+        started = last_message = time.monotonic()
         try:
             while not (stop and stop.is_set()):
+                now = time.monotonic()
                 if self.poll_once():
-                    last_message = time.monotonic()
-                elif (
-                    until_idle is not None
-                    and not self.in_flight
-                    and time.monotonic() - last_message > until_idle
-                ):
-                    break
+                    last_message = now
+                elif until_idle is not None and not self.in_flight:
+                    if not self.assigned:
+                        last_message = now
+                        if now - started > assignment_timeout:
+                            break
+                    elif now - last_message > until_idle:
+                        break
             self.drain()
         finally:
             self.consumer.close()

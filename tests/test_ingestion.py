@@ -261,3 +261,40 @@ def test_restart_and_crash_lose_and_duplicate_nothing(
     assert len(db.ZTF_alerts.distinct("candid")) == 38
     assert last.report.duplicates >= 1
     assert first.committed + last.committed == 38
+
+
+def test_database_outage_is_retried_and_nothing_is_dropped(
+    test_environ: dict[str, str], kafka_bootstrap: str, dask_client: Client, tmp_path: Path
+) -> None:
+    """The database goes away mid-stream and comes back: the batch waits/retries, then lands."""
+    from kowalski.services._process import free_port
+    from kowalski.services.mongo import EmbeddedMongo
+
+    port = free_port()
+    server = EmbeddedMongo(tmp_path / "db", port).start()
+    tag = uuid.uuid4().hex[:8]
+    cfg = night_config({**test_environ, "MONGODB_URI": server.uri}, kafka_bootstrap, tag)
+    ingester = Ingester(cfg, dask_client, kafka_bootstrap, SURVEYS, group=f"outage-{tag}")
+    server.stop()  # the database is down before any alert arrives
+    replay(
+        kafka_bootstrap,
+        sorted((ZTF_ALERTS / "20200202").glob("*.avro")),
+        suffix=f"_{tag}",
+        progress=False,
+    )
+    restart = threading.Timer(6.0, server.start)
+    restart.start()
+    try:
+        ingester.run(until_idle=4.0)
+    finally:
+        restart.join()
+    try:
+        db = MongoClient(server.uri)[cfg.database.db]
+        assert db.ZTF_alerts.count_documents({}) == 12, (
+            ingester.committed,
+            ingester.assigned,
+            ingester.report,
+        )
+        assert ingester.committed == 12
+    finally:
+        server.stop()
