@@ -945,6 +945,35 @@ def test_skymap_cone_put_query_delete(api: Api, users: dict[str, str]) -> None:
     )
 
 
+def test_skymap_polygon_form(api: Api, users: dict[str, str]) -> None:
+    token = users["public"]
+    # a small square around ZTF20aaelulu (185.7288484, 15.8236168)
+    square = [[185.70, 15.80], [185.76, 15.80], [185.76, 15.85], [185.70, 15.85]]
+    body = {
+        "dateobs": "2020-01-01T00:00:00",
+        "skymap": {"localization_name": "square", "polygon": square},
+        "contours": [90],
+    }
+    assert api.call("PUT", "/api/skymap", token, json=body).status_code == 200
+    q = {
+        "query_type": "skymap",
+        "query": {
+            "skymap": {"localization_name": "square", "dateobs": "2020-01-01T00:00:00"},
+            "catalog": "ZTF_alerts",
+            "filter": {},
+            "projection": {"_id": 0, "objectId": 1},
+        },
+    }
+    assert {d["objectId"] for d in loads(api.query(token, q))["data"]} == {"ZTF20aaelulu"}
+    bad = api.call(
+        "PUT",
+        "/api/skymap",
+        token,
+        json={**body, "skymap": {"localization_name": "x", "polygon": [[1, 2]]}},
+    )
+    assert bad.status_code == 400 and "polygon" in bad.json()["message"]
+
+
 def test_docs_are_public(api: Api) -> None:
     page = requests.get(f"{api.url}/docs/api/")
     assert page.status_code == 200 and "redoc" in page.text
