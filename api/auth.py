@@ -17,8 +17,9 @@ from typing import Any
 import bcrypt
 import jwt
 from aiohttp import web
+from bson import json_util
 
-from api.responses import BadRequest, Forbidden, Unauthorized
+from api.responses import BadRequest, Forbidden, Unauthorized, json_response
 from kowalski.config import Config
 
 PUBLIC_PROGRAMIDS = [1]
@@ -171,8 +172,6 @@ async def read_body(request: web.Request) -> dict[str, Any]:
     if request.content_type == "application/json" or not request.content_type.startswith(
         ("application/x-www-form-urlencoded", "multipart/form-data")
     ):
-        from bson import json_util
-
         text = await request.text()
         if not text.strip():
             return {}
@@ -189,8 +188,6 @@ async def read_body(request: web.Request) -> dict[str, Any]:
 
 async def auth_post(request: web.Request) -> web.Response:
     """POST /api/auth: exchange username/password for a token."""
-    from api.responses import json_response
-
     cfg: Config = request.app["config"]
     body = await read_body(request)
     username, password = body.get("username"), body.get("password")

@@ -1019,6 +1019,7 @@ def test_schemathesis_finds_no_server_errors(
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,
     )
     report.write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout[-4000:]
