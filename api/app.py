@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from pymongo.errors import DuplicateKeyError
 
-from api import classifications, cutouts, filters, openapi, queries, skymap, users
+from api import classifications, cutouts, filters, openapi, queries, skymap, triggers, users
 from api.auth import UserCache, auth_post, hash_password
 from api.middlewares import auth_middleware, error_middleware
 from api.responses import success
@@ -80,6 +80,10 @@ def routes(app: web.Application) -> None:
     app.router.add_get(
         r"/api/classifications/{survey}/{candid:[0-9]+}", classifications.classifications_get
     )
+    trigger_kinds = r"/api/triggers/{kind:ztf|ztf\.test|ztfmma|ztfmma\.test}"
+    app.router.add_put(trigger_kinds, triggers.trigger_put)
+    app.router.add_get(trigger_kinds, triggers.trigger_get)
+    app.router.add_delete(trigger_kinds, triggers.trigger_delete)
     app.router.add_put("/api/skymap", skymap.skymap_put)
     app.router.add_get("/api/skymap", skymap.skymap_get)
     app.router.add_delete("/api/skymap", skymap.skymap_delete)

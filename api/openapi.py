@@ -205,6 +205,17 @@ def spec(cfg: Config) -> dict[str, Any]:
                 ],
                 "get": _op("Get classifications of an alert"),
             },
+            "/api/triggers/{kind}": {
+                "parameters": [
+                    _path_param(
+                        "kind",
+                        {"type": "string", "enum": ["ztf", "ztf.test", "ztfmma", "ztfmma.test"]},
+                    )
+                ],
+                "put": _op("Submit a ZTF ToO queue / MMA trigger (admin)", obj),
+                "get": _op("Get ZTF queues / MMA triggers (admin)"),
+                "delete": _op("Delete a ZTF queue / MMA trigger (admin)", obj),
+            },
             "/api/skymap": {
                 "put": _op("Add a skymap", obj),
                 "get": _op("Get a skymap"),
