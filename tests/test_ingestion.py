@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -298,3 +299,38 @@ def test_database_outage_is_retried_and_nothing_is_dropped(
         assert ingester.committed == 12
     finally:
         server.stop()
+
+
+def test_two_ingesters_share_partitions(
+    test_environ: dict[str, str], kafka_bootstrap: str, mongo_uri: str, dask_client: Client
+) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    tag = uuid.uuid4().hex[:8]
+    topic = f"ztf_20200202_programid1_{tag}"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])[topic].result(30)
+    cfg = night_config(test_environ, kafka_bootstrap, tag, KOWALSKI__ingester__batch_size="4")
+    group = f"shared-{tag}"
+    ingesters = [
+        Ingester(cfg, dask_client, kafka_bootstrap, SURVEYS, group=group) for _ in range(2)
+    ]
+    threads = [threading.Thread(target=ing.run, kwargs={"until_idle": 8.0}) for ing in ingesters]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while not all(i.assigned for i in ingesters) and time.monotonic() < deadline:
+        time.sleep(0.2)  # wait until both members of the group hold a partition
+    assert [len(i.assigned) for i in ingesters] == [1, 1]
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    files = sorted(ZTF_ALERTS.rglob("*.avro"))
+    for i, path in enumerate(files):
+        producer.produce(topic, path.read_bytes(), partition=i % 2)
+    assert producer.flush(30) == 0
+    for thread in threads:
+        thread.join(180)
+    db = db_of(mongo_uri, cfg)
+    assert db.ZTF_alerts.count_documents({}) == len(files) == 38
+    assert len(db.ZTF_alerts.distinct("candid")) == 38
+    assert sum(i.committed for i in ingesters) == 38  # each packet committed once, by one of them
+    assert all(i.committed > 0 for i in ingesters)  # both took a share
