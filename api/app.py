@@ -46,6 +46,11 @@ async def ensure_admin(app: web.Application) -> None:
 
 async def database_context(app: web.Application) -> AsyncIterator[None]:
     cfg: Config = app["config"]
+    if cfg.server.admin_password == "admin" or cfg.server.JWT_SECRET_KEY == "abc0123":
+        log.warning(
+            "default admin password or JWT secret in use: set KOWALSKI_ADMIN_PASSWORD and "
+            "KOWALSKI_JWT_SECRET_KEY (or server.* in config.yaml) before exposing this API"
+        )
     client = async_client(cfg)
     app["mongo"] = client
     app["db"] = client[cfg.database.db]
