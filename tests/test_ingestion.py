@@ -22,6 +22,7 @@ from kowalski.config import Config, build_config
 from kowalski.coords import coordinates_block
 
 from .conftest import DATA, OTHER_ALERTS, ZTF_ALERTS
+from .test_ml import COLUMNS
 
 SURVEYS = ["ZTF", "PGIR", "WNTR", "TURBO"]
 EXPECTED = {  # alerts / objects per survey in the bundled real data
@@ -142,20 +143,11 @@ def test_exact_counts_per_survey(ingested: tuple[Config, Ingester], mongo_uri: s
 def test_ml_scores_match_reference(ingested: tuple[Config, Ingester], mongo_uri: str) -> None:
     cfg, _ = ingested
     db = db_of(mongo_uri, cfg)
-    columns = {
-        "braai": "braai_d6_m9",
-        "acai_h": "acai_h",
-        "acai_v": "acai_v",
-        "acai_o": "acai_o",
-        "acai_n": "acai_n",
-        "acai_b": "acai_b",
-        "bts": "bts_v1.0.1",
-    }
     rows = list(csv.DictReader((DATA / "reference" / "ml_scores.csv").open()))
     assert len(rows) == 38
     for row in rows:
         doc = db.ZTF_alerts.find_one({"candid": int(row["candid"])}, {"classifications": 1})
-        for model, column in columns.items():
+        for model, column in COLUMNS.items():
             assert doc["classifications"][model] == pytest.approx(float(row[column]), abs=1e-5), (
                 row["file"],
                 model,
