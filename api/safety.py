@@ -6,7 +6,7 @@ Refused at any depth: server-side JavaScript (`$where`, `$function`, `$accumulat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterator
 from typing import Any
 
 from bson import json_util
@@ -32,21 +32,22 @@ def parse_json_arg(value: Any, field: str) -> Any:
     return value
 
 
-def forbidden_operators(tree: Any, forbidden: Iterable[str] = FORBIDDEN_EVERYWHERE) -> set[str]:
-    """All keys of `tree` (at any depth, inside lists too) that are in `forbidden`."""
-    banned = frozenset(forbidden)
-    found: set[str] = set()
+def keyed_values(tree: Any) -> Iterator[tuple[str, Any]]:
+    """Every (key, value) of every mapping in `tree`, at any depth, inside lists too."""
     stack = [tree]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
             for key, value in node.items():
-                if key in banned:
-                    found.add(key)
+                yield key, value
                 stack.append(value)
         elif isinstance(node, list | tuple):
             stack.extend(node)
-    return found
+
+
+def forbidden_operators(tree: Any) -> set[str]:
+    """All keys of `tree` (at any depth) that are forbidden everywhere."""
+    return {key for key, _ in keyed_values(tree) if key in FORBIDDEN_EVERYWHERE}
 
 
 def check_safe(tree: Any, field: str) -> None:
@@ -65,21 +66,10 @@ def check_safe(tree: Any, field: str) -> None:
 def referenced_collections(pipeline: Any) -> set[str]:
     """Collections named by $lookup / $graphLookup / $unionWith anywhere in a pipeline."""
     names: set[str] = set()
-    stack = [pipeline]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in CROSS_COLLECTION_STAGES:
-                    target = (
-                        value.get("from", value.get("coll")) if isinstance(value, dict) else value
-                    )
-                    if not isinstance(target, str):
-                        raise BadRequest(
-                            f"{key}: 'from' must be a collection name in this database"
-                        )
-                    names.add(target)
-                stack.append(value)
-        elif isinstance(node, list | tuple):
-            stack.extend(node)
+    for key, value in keyed_values(pipeline):
+        if key in CROSS_COLLECTION_STAGES:
+            target = value.get("from", value.get("coll")) if isinstance(value, dict) else value
+            if not isinstance(target, str):
+                raise BadRequest(f"{key}: 'from' must be a collection name in this database")
+            names.add(target)
     return names
