@@ -12,8 +12,9 @@ import datetime as dt
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from bson import Binary
@@ -53,35 +54,21 @@ class BatchReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def add(self, other: BatchReport) -> None:
-        for name in (
-            "received",
-            "alerts",
-            "duplicates",
-            "stored",
-            "dead_letters",
-            "new_objects",
-            "updated_objects",
-            "passed",
-        ):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for item in fields(self):
+            if item.type == "int":
+                setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
         for stage, seconds in other.seconds.items():
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
-
-class Timer:
-    def __init__(self, report: BatchReport) -> None:
-        self.report = report
-
-    def __call__(self, stage: str) -> Timer:
-        self.stage = stage
-        return self
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        elapsed = time.perf_counter() - self.start
-        self.report.seconds[self.stage] = self.report.seconds.get(self.stage, 0.0) + elapsed
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the time spent inside the block to `seconds[stage]`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + elapsed
 
 
 async def no_handoff(survey: Survey, alerts: list[Doc], passed: dict[int, list[Doc]]) -> None:
@@ -105,9 +92,6 @@ class Pipeline:
             self._filters[catalog] = (time.monotonic(), cached)
         return cached
 
-    def reload_filters(self) -> None:
-        self._filters.clear()
-
     async def dead_letter(self, packet: Packet, error: str) -> None:
         await self.db[self.cfg.database.collections["dead_letters"]].insert_one(
             {
@@ -122,11 +106,10 @@ class Pipeline:
 
     async def process(self, survey: Survey, packets: Sequence[Packet]) -> BatchReport:
         report = BatchReport(received=len(packets))
-        timer = Timer(report)
         cfg = self.cfg
         alerts_coll = self.db[survey.alerts_collection(cfg)]
 
-        with timer("decode"):
+        with report.timed("decode"):
             decoded: list[tuple[Packet, Doc]] = []
             for packet in packets:
                 try:
@@ -136,7 +119,7 @@ class Pipeline:
                     report.dead_letters += 1
         report.alerts = len(decoded)
 
-        with timer("dedup"):
+        with report.timed("dedup"):
             seen = await archive.existing_candids(alerts_coll, [r["candid"] for _, r in decoded])
             fresh: dict[int, tuple[Packet, Doc]] = {}
             for packet, record in decoded:
@@ -148,10 +131,10 @@ class Pipeline:
             return report
         records = [r for _, r in fresh.values()]
 
-        with timer("ml"):
+        with report.timed("ml"):
             scores = ml.score_batch(self.models.get(survey.name, []), records, cfg.ml.batch_size)
 
-        with timer("mongify"):
+        with report.timed("mongify"):
             parts: list[Parts] = []
             for (packet, record), classifications in zip(fresh.values(), scores, strict=True):
                 try:
@@ -173,7 +156,7 @@ class Pipeline:
         ) -> list[dict[str, list[Doc]]]:
             return await xmatch.cross_match(self.db, catalogs, positions, wanted)
 
-        with timer("aux"):
+        with report.timed("aux"):
             counts = await archive.store_aux(
                 self.db[survey.aux_collection(cfg)], survey, parts, list(catalogs), matcher
             )
@@ -182,10 +165,10 @@ class Pipeline:
             counts["updated_objects"],
         )
 
-        with timer("store"):
+        with report.timed("store"):
             report.stored = await archive.insert_alerts(alerts_coll, [p.alert for p in parts])
 
-        with timer("filters"):
+        with report.timed("filters"):
             templates = await self.templates(survey.alerts_collection(cfg))
             passed = (
                 await filters.run_filters(self.db, cfg, templates, [p.candid for p in parts])
@@ -194,6 +177,6 @@ class Pipeline:
             )
         report.passed = sum(len(v) for v in passed.values())
 
-        with timer("handoff"):
+        with report.timed("handoff"):
             await self.handoff(survey, [p.alert for p in parts], passed)
         return report
