@@ -25,6 +25,7 @@ from kowalski.config import Config
 PUBLIC_PROGRAMIDS = [1]
 ALL_PROGRAMIDS = [0, 1, 2, 3]
 USER_CACHE_SECONDS = 5.0
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -169,9 +170,9 @@ def admin_required(handler: Handler) -> Handler:
 
 async def read_body(request: web.Request) -> dict[str, Any]:
     """JSON body (form data accepted too, as upstream); always a mapping."""
-    if request.content_type == "application/json" or not request.content_type.startswith(
-        ("application/x-www-form-urlencoded", "multipart/form-data")
-    ):
+    if request.content_type in FORM_TYPES:
+        body = dict(await request.post())
+    else:
         text = await request.text()
         if not text.strip():
             return {}
@@ -179,8 +180,6 @@ async def read_body(request: web.Request) -> dict[str, Any]:
             body = json_util.loads(text)
         except ValueError as exc:
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    else:
-        body = dict(await request.post())
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body
