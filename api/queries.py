@@ -458,18 +458,16 @@ async def batched_cones(
             docs = await asyncio.gather(*(run(catalog, spec, *objects[n]) for n in names))
             return dict(zip(names, docs, strict=True))
         projection, strip = plan
-        found: dict[str, list[Any]] = {}
-        for start, chunk in cones.chunks(positions):
-            query = cones.any_cone(chunk, radius)
-            if spec["filter"]:
-                query = {"$and": [query, spec["filter"]]}
+
+        async def find(query: dict[str, Any]) -> list[Any]:
             async with semaphore:
-                docs = await (await find_docs(ctx, ctx.db[catalog], query, projection)).to_list()
-            for offset, matches in enumerate(cones.assign(docs, chunk, radius)):
-                found[names[start + offset]] = [
-                    cones.strip_position(d) if strip else d for d, _ in matches
-                ]
-        return found
+                return await (await find_docs(ctx, ctx.db[catalog], query, projection)).to_list()
+
+        matches = await cones.search(find, positions, radius, spec["filter"])
+        return {
+            name: [cones.strip_position(d) if strip else d for d, _ in found]
+            for name, found in zip(names, matches, strict=True)
+        }
 
     results = await asyncio.gather(*(one_catalog(c, spec) for c, spec in catalogs.items()))
     return dict(zip(catalogs, results, strict=True))

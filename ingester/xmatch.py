@@ -31,7 +31,7 @@ def galaxy_radius_arcsec(spec: XMatchCatalog, doc: dict[str, Any]) -> tuple[floa
     value = doc.get(spec.distance_value or "")
     low = spec.cm_low_distance or 0.0
     at = spec.cm_at_distance or 0.0
-    if not isinstance(value, int | float) or value is None or math.isnan(value) or value <= 0:
+    if not isinstance(value, int | float) or math.isnan(value) or value <= 0:
         return low, None
     if spec.distance_method == "redshift":
         mpc = value * SPEED_OF_LIGHT_KMS / HUBBLE_CONSTANT
@@ -54,19 +54,20 @@ async def match_catalog(
         {**spec.projection, "coordinates.radec_geojson": 1},
         True,
     )
-    results: list[list[dict[str, Any]]] = [[] for _ in positions]
-    for start, chunk in cones.chunks(positions):
-        query = cones.any_cone(chunk, radius_rad)
-        if spec.filter:
-            query = {"$and": [query, spec.filter]}
-        docs = await db[catalog].find(query, projection).to_list()
-        for offset, matches in enumerate(cones.assign(docs, chunk, radius_rad)):
-            for doc, sep_deg in matches:
-                if spec.use_distance:
-                    doc = _with_distance(spec, doc, sep_deg * 3600.0)
-                    if doc is None:
-                        continue
-                results[start + offset].append(cones.strip_position(doc) if strip else doc)
+
+    async def find(query: dict[str, Any]) -> list[dict[str, Any]]:
+        return await db[catalog].find(query, projection).to_list()
+
+    results: list[list[dict[str, Any]]] = []
+    for matches in await cones.search(find, positions, radius_rad, spec.filter):
+        kept = []
+        for doc, sep_deg in matches:
+            if spec.use_distance:
+                doc = _with_distance(spec, doc, sep_deg * 3600.0)
+                if doc is None:
+                    continue
+            kept.append(cones.strip_position(doc) if strip else doc)
+        results.append(kept)
     return results
 
 

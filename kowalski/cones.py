@@ -5,7 +5,7 @@ distance). Used by the ingester's cross-match and the API's cone_search."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,4 +79,22 @@ def assign(
     for i, (ra, dec) in enumerate(positions):
         sep = great_circle_distance(ra, dec, ras, decs)
         out[i] = [(docs[int(j)], float(sep[j])) for j in np.flatnonzero(sep <= radius_deg)]
+    return out
+
+
+async def search(
+    find: Callable[[dict[str, Any]], Awaitable[list[Doc]]],
+    positions: Sequence[tuple[float, float]],
+    radius_rad: float,
+    extra_filter: dict[str, Any] | None = None,
+) -> list[list[tuple[Doc, float]]]:
+    """Matches (document, separation in degrees) for each position: one `find(query)` per chunk
+    of positions; `find` must return documents with their position (see
+    projection_with_position)."""
+    out: list[list[tuple[Doc, float]]] = []
+    for _, chunk in chunks(positions):
+        query = any_cone(chunk, radius_rad)
+        if extra_filter:
+            query = {"$and": [query, extra_filter]}
+        out.extend(assign(await find(query), chunk, radius_rad))
     return out
