@@ -19,7 +19,6 @@ from kowalski.filtering import (
     FilterError,
     archive_pipeline,
     full_pipeline,
-    is_programid_restricted,
     parse_pipeline,
     serialize_pipeline,
 )
@@ -330,11 +329,10 @@ async def filters_test(request: web.Request) -> web.Response:
         or not 1 <= max_time_ms <= MAX_TEST_TIME_MS
     ):
         raise BadRequest(f"max_time_ms must be an integer in 1..{MAX_TEST_TIME_MS}")
-    permissions = doc["permissions"] if is_programid_restricted(doc["catalog"]) else []
     pipeline = archive_pipeline(
         cfg,
         doc["catalog"],
-        permissions,
+        doc["permissions"],
         parse_pipeline(version["pipeline"]),
         object_ids,
         jd_range,

@@ -1,4 +1,4 @@
-"""What differs between the alert streams (ZTF, PGIR, WINTER, TURBO): names, keys, cutouts."""
+"""What differs between the alert streams (ZTF, PGIR, WINTER, TURBO): names, keys, forced photometry."""
 
 from __future__ import annotations
 
@@ -12,10 +12,7 @@ class Survey:
     name: str  # instrument key in config (ZTF, PGIR, WNTR, TURBO)
     key: str  # lower-case key of collections in config (alerts_<key>)
     object_key: str  # objectId, or objectid for WINTER
-    cutouts: tuple[str, str, str]
     fp_hists: bool  # stream carries forced photometry
-    programids: bool  # candidate.programid governs who may see the alert
-    history_days: float  # window of prv_candidates the filter stages keep
 
     def alerts_collection(self, cfg: Config) -> str:
         return cfg.database.collections[f"alerts_{self.key}"]
@@ -24,20 +21,11 @@ class Survey:
         return cfg.database.collections[f"alerts_{self.key}_aux"]
 
 
-CAMEL = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
 SURVEYS = {
-    "ZTF": Survey("ZTF", "ztf", "objectId", CAMEL, True, True, 365.0),
-    "PGIR": Survey("PGIR", "pgir", "objectId", CAMEL, False, False, 1000.0),
-    "WNTR": Survey(
-        "WNTR",
-        "wntr",
-        "objectid",
-        ("cutout_science", "cutout_template", "cutout_difference"),
-        False,
-        False,
-        1000.0,
-    ),
-    "TURBO": Survey("TURBO", "turbo", "objectId", CAMEL, False, True, 365.0),
+    "ZTF": Survey("ZTF", "ztf", "objectId", fp_hists=True),
+    "PGIR": Survey("PGIR", "pgir", "objectId", fp_hists=False),
+    "WNTR": Survey("WNTR", "wntr", "objectid", fp_hists=False),
+    "TURBO": Survey("TURBO", "turbo", "objectId", fp_hists=False),
 }
 
 TOPIC_PREFIXES = {"ztf_": "ZTF", "pgir_": "PGIR", "winter_": "WNTR", "turbo_": "TURBO"}

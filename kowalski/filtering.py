@@ -41,10 +41,6 @@ def serialize_pipeline(pipeline: list[dict[str, Any]]) -> str:
     return json_util.dumps(pipeline)
 
 
-def is_programid_restricted(catalog: str) -> bool:
-    return catalog.startswith(("ZTF", "TURBO"))
-
-
 def _set_item_permissions(node: Any, permissions: list[int]) -> None:
     """Fill every `{"$in": ["$$item.programid", …]}` in the history stage with `permissions`."""
     if isinstance(node, dict):
