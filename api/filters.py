@@ -99,6 +99,21 @@ async def test_run(
     return "filter test run successful"
 
 
+def check_keys(option: dict[str, Any], allowed: set[str], name: str) -> None:
+    unknown = set(option) - allowed
+    if unknown:
+        raise BadRequest(f"{name} has unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+
+
+async def with_tested_pipeline(
+    request: web.Request, doc: dict[str, Any], option: dict[str, Any], name: str
+) -> dict[str, Any]:
+    """The option with its pipeline validated, test-run on the latest alert, and serialized."""
+    pipeline = user_pipeline(option["pipeline"], f"{name}.pipeline")
+    await test_run(request, doc["catalog"], doc["permissions"], pipeline, allow_empty=False)
+    return {**option, "pipeline": serialize_pipeline(pipeline)}
+
+
 async def check_options(
     request: web.Request,
     doc: dict[str, Any],
@@ -106,17 +121,10 @@ async def check_options(
     auto_followup: Any,
 ) -> tuple[Any, Any]:
     """Validate autosave / auto_followup; serialize and test-run their pipelines."""
-    catalog, permissions = doc["catalog"], doc["permissions"]
     if isinstance(autosave, dict):
-        unknown = set(autosave) - AUTOSAVE_KEYS
-        if unknown:
-            raise BadRequest(
-                f"autosave has unknown keys {sorted(unknown)} (allowed: {sorted(AUTOSAVE_KEYS)})"
-            )
+        check_keys(autosave, AUTOSAVE_KEYS, "autosave")
         if "pipeline" in autosave:
-            pipeline = user_pipeline(autosave["pipeline"], "autosave.pipeline")
-            await test_run(request, catalog, permissions, pipeline, allow_empty=False)
-            autosave = {**autosave, "pipeline": serialize_pipeline(pipeline)}
+            autosave = await with_tested_pipeline(request, doc, autosave, "autosave")
     elif not isinstance(autosave, bool):
         raise BadRequest("autosave must be a boolean or an object")
     if auto_followup:
@@ -125,11 +133,7 @@ async def check_options(
         autosave_on = autosave if isinstance(autosave, bool) else autosave.get("active", False)
         if not autosave_on:
             raise BadRequest("Cannot setup auto_followup without autosave enabled")
-        unknown = set(auto_followup) - AUTO_FOLLOWUP_KEYS
-        if unknown:
-            raise BadRequest(
-                f"auto_followup has unknown keys {sorted(unknown)} (allowed: {sorted(AUTO_FOLLOWUP_KEYS)})"
-            )
+        check_keys(auto_followup, AUTO_FOLLOWUP_KEYS, "auto_followup")
         if "pipeline" not in auto_followup:
             raise BadRequest("auto_followup.pipeline is required")
         order = auto_followup.get("priority_order")
@@ -149,9 +153,7 @@ async def check_options(
                     "Cannot add filter with auto_followup: other filters with the same allocation "
                     "have priority_order set to a different value, which is unexpected"
                 )
-        pipeline = user_pipeline(auto_followup["pipeline"], "auto_followup.pipeline")
-        await test_run(request, catalog, permissions, pipeline, allow_empty=False)
-        auto_followup = {**auto_followup, "pipeline": serialize_pipeline(pipeline)}
+        auto_followup = await with_tested_pipeline(request, doc, auto_followup, "auto_followup")
     return autosave, auto_followup or {}
 
 
