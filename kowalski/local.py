@@ -17,7 +17,13 @@ import time
 from pathlib import Path
 
 from kowalski.config import ROOT, Config, load_config
-from kowalski.services._process import ServiceError, start_process, stop_process, wait_until
+from kowalski.services._process import (
+    ServiceError,
+    ToolMissing,
+    start_process,
+    stop_process,
+    wait_until,
+)
 from kowalski.services.api import ApiServer, answers
 from kowalski.services.kafka import LocalKafka, broker_ready
 from kowalski.services.mongo import EmbeddedMongo, ping
@@ -104,9 +110,7 @@ def run_local(replay: bool = True, detach: bool = False) -> int:
                 ).start()
                 stack.append(kafka)
                 bootstrap = kafka.bootstrap_servers
-            except ServiceError as exc:
-                if "not found on PATH" not in str(exc):
-                    raise
+            except ToolMissing as exc:
                 say(f"no local Kafka ({exc}); bundled alerts will be stored directly")
         if bootstrap:
             env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap

@@ -15,6 +15,10 @@ class ServiceError(RuntimeError):
     """A local service could not be started or reached; the message is one clear line."""
 
 
+class ToolMissing(ServiceError):
+    """A program a local service needs (java, mvn, ...) is not installed."""
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)

@@ -17,6 +17,7 @@ from pathlib import Path
 from kowalski.config import ROOT
 from kowalski.services._process import (
     ServiceError,
+    ToolMissing,
     ensure_port_free,
     port_in_use,
     start_process,
@@ -53,7 +54,7 @@ def pom_version() -> str:
 def _require(tool: str, purpose: str) -> str:
     found = shutil.which(tool)
     if not found:
-        raise ServiceError(
+        raise ToolMissing(
             f"cannot {purpose}: '{tool}' not found on PATH "
             "(install it, or set KAFKA_BOOTSTRAP_SERVERS to a running broker)"
         )
