@@ -113,7 +113,6 @@ class UserCache:
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, User | None]] = {}
-        self._lock = asyncio.Lock()
 
     def invalidate(self, username: str) -> None:
         self._entries.pop(username, None)
