@@ -95,6 +95,7 @@ def keep_fp_hists_for_new_object(candidate: dict[str, Any]) -> bool:
 
 
 def history_key(point: dict[str, Any]) -> tuple[Any, ...]:
+    """Identity of a history point; non-detections have no candid, so jd + fid decide."""
     return (point.get("jd"), point.get("fid"), point.get("candid"))
 
 
@@ -105,8 +106,6 @@ def merge_prv_candidates(
     merged: dict[tuple[Any, ...], dict[str, Any]] = {}
     for point in [*stored, *new]:
         key = history_key(point)
-        if key[2] is None:  # non-detections (no candid) are keyed by jd + fid
-            key = (key[0], key[1], None)
         merged[key] = {**merged.get(key, {}), **point}
     return sorted(merged.values(), key=lambda p: (p.get("jd") or 0.0, p.get("fid") or 0))
 
