@@ -19,29 +19,19 @@ from tqdm import tqdm
 
 from ingester.decode import decode_packet
 from kowalski.config import ROOT, Config
+from kowalski.surveys import SURVEYS, Survey, UnknownSurvey, bundled_packets, survey_of_path
 
 JD_UNIX_EPOCH = 2440587.5
-PREFIXES = {"ZTF": "ztf", "PGIR": "pgir", "WNTR": "winter", "TURBO": "turbo"}
 
 
 def night(jd: float) -> str:
     return (dt.datetime(1970, 1, 1) + dt.timedelta(days=jd - JD_UNIX_EPOCH)).strftime("%Y%m%d")
 
 
-def topic_for(packet: bytes, survey: str, suffix: str = "") -> str:
+def topic_for(packet: bytes, survey: Survey, suffix: str = "") -> str:
     """The nightly topic a packet belongs to, from its own candidate (jd, programid)."""
     candidate = decode_packet(packet)[0]["candidate"]
-    name = f"{PREFIXES[survey]}_{night(candidate['jd'])}"
-    if survey == "ZTF":
-        name += f"_programid{candidate['programid']}"
-    return name + suffix
-
-
-def bundled_alerts() -> list[Path]:
-    data = ROOT / "data"
-    return sorted(
-        [*(data / "ztf_alerts").rglob("*.avro"), *(data / "other_alerts").rglob("*.avro")]
-    )
+    return survey.nightly_topic(night(candidate["jd"]), candidate) + suffix
 
 
 def alert_files(paths: Iterable[Path]) -> list[Path]:
@@ -52,28 +42,21 @@ def alert_files(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
-def survey_of(path: Path) -> str:
-    parts = {p.lower() for p in path.parts}
-    for survey, folder in (
-        ("PGIR", "pgir_alerts"),
-        ("WNTR", "wntr_alerts"),
-        ("TURBO", "turbo_alerts"),
-    ):
-        if folder in parts:
-            return survey
-    return "ZTF"
-
-
 def replay(
-    bootstrap_servers: str, files: Iterable[Path], suffix: str = "", progress: bool = True
+    bootstrap_servers: str,
+    files: Iterable[Path],
+    suffix: str = "",
+    progress: bool = True,
+    survey: Survey | None = None,
 ) -> dict[str, int]:
-    """Produce every file's bytes unchanged; returns packets per topic."""
+    """Produce every file's bytes unchanged; returns packets per topic. The survey of each file is
+    `survey`, else the one whose data folder it lies in."""
     producer = Producer({"bootstrap.servers": bootstrap_servers, "message.max.bytes": 10_485_760})
     counts: dict[str, int] = {}
     paths = sorted(files)
     for path in tqdm(paths, desc="replaying alerts", unit="alert", disable=not progress):
         packet = path.read_bytes()
-        topic = topic_for(packet, survey_of(path), suffix)
+        topic = topic_for(packet, survey or survey_of_path(path), suffix)
         producer.produce(topic, packet)
         counts[topic] = counts.get(topic, 0) + 1
         producer.poll(0)
@@ -91,12 +74,11 @@ def ingest_files(cfg: Config, files: Iterable[Path], batch_size: int = 64) -> di
     from ingester.archive import prepare_database
     from ingester.ml import load_models
     from ingester.pipeline import BatchReport, Packet, Pipeline
-    from ingester.surveys import SURVEYS
     from kowalski.db import async_client
 
     by_survey: dict[str, list[Path]] = {}
     for path in sorted(files):
-        by_survey.setdefault(survey_of(path), []).append(path)
+        by_survey.setdefault(survey_of_path(path).name, []).append(path)
 
     prepare_database(cfg, list(by_survey))
 
@@ -127,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="*", type=Path, help="alert files or directories")
     parser.add_argument("--suffix", default="", help="appended to every topic name")
     args = parser.parse_args(argv)
-    files = alert_files(args.paths) if args.paths else bundled_alerts()
+    files = alert_files(args.paths) if args.paths else bundled_packets(ROOT / "data")
     missing = [str(p) for p in files if not p.is_file()]
     if missing or not files:
         problem = f"no such file: {', '.join(missing)}" if missing else "no .avro files found"
@@ -138,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         require_kafka(cfg)
         try:
             counts = replay(cfg.kafka.bootstrap_servers, files, args.suffix)
-        except RuntimeError as exc:
+        except (RuntimeError, UnknownSurvey) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     print(

@@ -29,8 +29,7 @@ from kowalski.services._process import (
 from kowalski.services.api import ApiServer, answers
 from kowalski.services.kafka import LocalKafka, broker_ready
 from kowalski.services.mongo import EmbeddedMongo, ping
-
-ALL_SURVEYS = ["ZTF", "PGIR", "WNTR", "TURBO"]
+from kowalski.surveys import SURVEYS, bundled_packets
 
 
 def var_dir(cfg: Config) -> Path:
@@ -41,6 +40,10 @@ def var_dir(cfg: Config) -> Path:
 
 def pid_file(cfg: Config) -> Path:
     return var_dir(cfg) / "kowalski-local.pid"
+
+
+def bundled_alerts() -> list[Path]:
+    return bundled_packets(ROOT / "data")
 
 
 def say(message: str) -> None:
@@ -144,10 +147,8 @@ def run_local(replay: bool = True, detach: bool = False) -> int:
         )
 
         # ingester + alerts
-        from ingester.replay import bundled_alerts
-
         if bootstrap:
-            args = [sys.executable, "-m", "ingester"] + [f"--survey={s}" for s in ALL_SURVEYS]
+            args = [sys.executable, "-m", "ingester"] + [f"--survey={s}" for s in SURVEYS]
             ingester = start_process(args, logs / "ingester.log", cwd=ROOT, env=env)
             stack.append(ingester)
             say(f"ingester running (logs: {logs / 'ingester.log'})")
