@@ -518,25 +518,11 @@ async def q_skymap(ctx: QueryContext, query: dict[str, Any]) -> web.StreamRespon
     spec = query.get("skymap")
     if not isinstance(spec, dict) or not spec.get("localization_name"):
         raise BadRequest("query.skymap.localization_name is required")
-    alternatives: list[dict[str, Any]] = []
-    if spec.get("dateobs"):
-        from api.skymap import parse_dateobs
+    from api.skymap import query_lookup  # identifiers are plain values only
 
-        alternatives.append({"dateobs": parse_dateobs(spec["dateobs"])})
-    trigger = spec.get("trigger_id", spec.get("triggerid"))
-    if trigger is not None:
-        alternatives.append({"triggerid": trigger})
-    if spec.get("aliases"):
-        aliases = spec["aliases"] if isinstance(spec["aliases"], list) else [spec["aliases"]]
-        alternatives.append({"aliases": {"$in": aliases}})
-    if not alternatives:
-        raise BadRequest("query.skymap needs dateobs, trigger_id or aliases")
     contour = spec.get("contour", 90)
     skymaps = ctx.db[ctx.cfg.database.collections["skymaps"]]
-    doc = await skymaps.find_one(
-        {"localization_name": spec["localization_name"], "$or": alternatives},
-        {f"contours.contour{contour}": 1},
-    )
+    doc = await skymaps.find_one(query_lookup(spec), {f"contours.contour{contour}": 1})
     if doc is None:
         raise NotFound("skymap not found")
     geometry = doc.get("contours", {}).get(f"contour{contour}")
