@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 from aiohttp import web
+from pymongo.errors import DuplicateKeyError
 
 from api.auth import admin_required, read_body
 from api.responses import BadRequest, json_response, success
@@ -321,7 +322,12 @@ async def skymap_put(request: web.Request) -> web.Response:
     }
     if triggerid is not None:
         doc["triggerid"] = triggerid
-    await coll.insert_one(doc)
+    try:
+        await coll.insert_one(doc)
+    except DuplicateKeyError:  # the same skymap stored meanwhile by another request
+        summary["contours"] = levels
+        message = "skymap already exists with the same contours"
+        return json_response({"status": "already_exists", "message": message, "data": summary}, 409)
     summary["contours"] = levels
     return success(f"added skymap for {dateobs} with contours {levels}", summary)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import math
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -236,6 +237,7 @@ def multiorder_contours(
 
 
 _SCHEMA: etree.XMLSchema | None = None
+_SCHEMA_LOCK = threading.Lock()
 
 
 def voevent_schema(path: Path = VOEVENT_XSD) -> etree.XMLSchema:
@@ -259,9 +261,17 @@ def parse_voevent(xml: str | bytes) -> VOEventInfo:
         root = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:
         raise SkymapError(f"xml file is not valid VOEvent: {exc}") from None
+    if root.getroottree().docinfo.doctype:
+        raise SkymapError("xml file is not valid VOEvent: a DOCTYPE is not allowed")
     schema = voevent_schema()
-    if not schema.validate(root):
-        raise SkymapError(f"xml file is not valid VOEvent: {schema.error_log.last_error}")
+    try:
+        with _SCHEMA_LOCK:  # one validation at a time: the error log lives on the schema
+            valid = schema.validate(root)
+            last_error = schema.error_log.last_error
+    except etree.XMLSchemaValidateError as exc:
+        raise SkymapError(f"xml file is not valid VOEvent: {exc}") from None
+    if not valid:
+        raise SkymapError(f"xml file is not valid VOEvent: {last_error}")
     return VOEventInfo(
         dateobs=_voevent_dateobs(root),
         triggerid=_voevent_trigger(root),
