@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 from aiohttp import web
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DocumentTooLarge, DuplicateKeyError, WriteError
 
 from api.auth import admin_required, read_body
 from api.responses import BadRequest, json_response, success
@@ -296,24 +296,7 @@ async def skymap_put(request: web.Request) -> web.Response:
     existing = await coll.find_one(lookup(dateobs, name, triggerid, aliases))
     summary: dict[str, Any] = {"dateobs": dateobs.isoformat(), "localization_name": name}
     if existing:
-        have = existing.get("contours", {})
-        missing = {k: v for k, v in contours.items() if k not in have}
-        summary["contours"] = level_list([*have, *missing])
-        if not missing:
-            return json_response(
-                {
-                    "status": "already_exists",
-                    "message": "skymap already exists with the same contours",
-                    "data": summary,
-                },
-                status=409,
-            )
-        await coll.update_one(
-            {"_id": existing["_id"]}, {"$set": {f"contours.{k}": v for k, v in missing.items()}}
-        )
-        return success(
-            f"updated skymap for {dateobs} to add contours {level_list(missing)}", summary
-        )
+        return await add_levels(coll, existing, contours, dateobs, summary)
     doc: dict[str, Any] = {
         "dateobs": dateobs,
         "localization_name": name,
@@ -325,11 +308,47 @@ async def skymap_put(request: web.Request) -> web.Response:
     try:
         await coll.insert_one(doc)
     except DuplicateKeyError:  # the same skymap stored meanwhile by another request
-        summary["contours"] = levels
-        message = "skymap already exists with the same contours"
-        return json_response({"status": "already_exists", "message": message, "data": summary}, 409)
+        return already_exists({**summary, "contours": levels})
+    except DocumentTooLarge as exc:
+        raise BadRequest(f"{TOO_LARGE}: {exc}") from None
     summary["contours"] = levels
     return success(f"added skymap for {dateobs} with contours {levels}", summary)
+
+
+TOO_LARGE = "the contours of this skymap are too large to store in one document"
+
+
+def already_exists(summary: dict[str, Any]) -> web.Response:
+    return json_response(
+        {
+            "status": "already_exists",
+            "message": "skymap already exists with the same contours",
+            "data": summary,
+        },
+        status=409,
+    )
+
+
+async def add_levels(
+    coll: Any,
+    existing: dict[str, Any],
+    contours: dict[str, Any],
+    dateobs: dt.datetime,
+    summary: dict[str, Any],
+) -> web.Response:
+    """Add the requested levels a stored skymap lacks (409 when it has them all, as upstream)."""
+    have = existing.get("contours", {})
+    missing = {k: v for k, v in contours.items() if k not in have}
+    summary["contours"] = level_list([*have, *missing])
+    if not missing:
+        return already_exists(summary)
+    try:
+        await coll.update_one(
+            {"_id": existing["_id"]}, {"$set": {f"contours.{k}": v for k, v in missing.items()}}
+        )
+    except (DocumentTooLarge, WriteError) as exc:
+        raise BadRequest(f"{TOO_LARGE}: {exc}") from None
+    return success(f"updated skymap for {dateobs} to add contours {level_list(missing)}", summary)
 
 
 def identity(params: dict[str, Any]) -> dict[str, Any]:
