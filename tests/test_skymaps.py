@@ -207,7 +207,7 @@ def test_multiorder_map_as_arrays_and_by_url(
     uniq, density = fits_map()
     density = np.array([float(f"{d:.6g}") for d in density])  # keeps the body under 1 MiB
     arrays = {
-        "dateobs": "2023-06-23T15:42:26.000",
+        "dateobs": "2023-06-24T00:00:00.000",  # each test its own event: tests run in any order
         "contours": [90],
         "skymap": {
             "localization_name": "S230623ai-arrays",
@@ -217,11 +217,11 @@ def test_multiorder_map_as_arrays_and_by_url(
     }
     r = api.call("PUT", "/api/skymap", admin, json=arrays)
     assert r.status_code == 200, r.text
-    query = skymap_query("S230623ai-arrays", 90, dateobs=DATEOBS)
+    query = skymap_query("S230623ai-arrays", 90, dateobs="2023-06-24T00:00:00")
     assert found_objects(api, admin, query) == expected_objects(uniq, density, 90)
 
     by_url = {
-        "dateobs": DATEOBS,
+        "dateobs": "2023-06-25T00:00:00",
         "aliases": ["S230623ai"],
         "contours": "50,90",
         "skymap": {"url": files.url + "/files/localization.fits"},
@@ -229,7 +229,7 @@ def test_multiorder_map_as_arrays_and_by_url(
     r = api.call("PUT", "/api/skymap", admin, json=by_url)
     assert r.status_code == 200, r.text
     assert r.json()["data"] == {
-        "dateobs": DATEOBS,
+        "dateobs": "2023-06-25T00:00:00",
         "localization_name": "localization.fits",
         "contours": [50, 90],
     }
