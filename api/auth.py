@@ -23,6 +23,7 @@ from typing import Any
 import bcrypt
 import jwt
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from api.responses import BadRequest, Forbidden, Unauthorized, json_response
 from api.safety import parse_json
@@ -200,7 +201,7 @@ async def body_text(request: web.Request) -> str:
 async def form_body(request: web.Request) -> dict[str, Any]:
     try:
         return dict(await request.post())
-    except (ValueError, LookupError, AssertionError, KeyError) as exc:
+    except (ValueError, LookupError, AssertionError, KeyError, HttpProcessingError) as exc:
         raise BadRequest(f"malformed {request.content_type} body: {exc}") from None
 
 
