@@ -1,9 +1,10 @@
 """Data rights: one `DataRights` object per request (built from the user by the auth middleware)
 that every query type and cutouts ask what the user may read.
 
-Restricted collections (for users who may not see every ZTF programid):
-- `ZTF_alerts`: only alerts whose `candidate.programid` is permitted exist for the user;
-- `ZTF_alerts_aux`: only the permitted points of `prv_candidates` and `fp_hists` exist.
+Restricted collections (of surveys whose registry entry has `rights="programid"`, for users who
+may not see every programid of that survey; today ZTF):
+- alerts (`ZTF_alerts`): only alerts whose `candidate.programid` is permitted exist for the user;
+- aux (`ZTF_alerts_aux`): only the permitted points of `prv_candidates` and `fp_hists` exist.
 The restriction is applied first; the user's filter, projection and stages only ever see its
 result, so no filter can test hidden points (no yes/no oracles through counts or `$or`).
 """
@@ -21,6 +22,7 @@ from api.responses import BadRequest, Forbidden
 from api.safety import referenced_collections
 from kowalski.config import Config
 from kowalski.db import system_collection_names
+from kowalski.surveys import Survey, survey_for_collection
 
 RIGHTS_KEY = "rights"
 HISTORY_ARRAYS = ("prv_candidates", "fp_hists")
@@ -39,25 +41,27 @@ class DataRights:
     def admin(self) -> bool:
         return self.user.admin
 
-    def programids(self, survey: str = "ZTF") -> list[int]:
+    def programids(self, survey: str) -> list[int]:
         return self.user.allowed_programids(survey)
 
     @property
     def protected(self) -> frozenset[str]:
         return system_collection_names(self.cfg)
 
-    def kind(self, catalog: str) -> str | None:
-        """'alerts' / 'aux' for the ZTF collections whose content depends on programid."""
-        collections = self.cfg.database.collections
-        if catalog == collections.get("alerts_ztf"):
-            return "alerts"
-        if catalog == collections.get("alerts_ztf_aux"):
-            return "aux"
-        return None
+    def restricting_survey(self, catalog: str) -> Survey | None:
+        """The survey whose programid rights hide part of `catalog` from this user, if any."""
+        survey = survey_for_collection(self.cfg.database.collections, catalog)
+        if survey is None or not survey.programid_rights:
+            return None
+        return None if self.user.sees_everything(survey.name) else survey
 
     def restricted(self, catalog: str) -> bool:
         """Whether this user sees only part of `catalog`."""
-        return self.kind(catalog) is not None and not self.user.sees_everything("ZTF")
+        return self.restricting_survey(catalog) is not None
+
+    def is_aux(self, catalog: str) -> bool:
+        survey = survey_for_collection(self.cfg.database.collections, catalog)
+        return survey is not None and self.cfg.database.collections.get(survey.aux_key) == catalog
 
     # ------------------------------------------------------------------ validation
 
@@ -88,16 +92,18 @@ class DataRights:
     # ------------------------------------------------------------------ restriction
 
     def document_clause(self, catalog: str) -> dict[str, Any] | None:
-        """A query clause selecting only the documents this user may see (None: all)."""
-        if self.restricted(catalog) and self.kind(catalog) == "alerts":
-            return {"candidate.programid": {"$in": self.programids("ZTF")}}
-        return None
+        """A query clause selecting only the alerts this user may see (None: all)."""
+        survey = self.restricting_survey(catalog)
+        if survey is None or self.is_aux(catalog):
+            return None
+        return {"candidate.programid": {"$in": self.programids(survey.name)}}
 
     def history_stage(self, catalog: str) -> Stage | None:
         """An $addFields stage keeping only the permitted points of the history arrays."""
-        if not (self.restricted(catalog) and self.kind(catalog) == "aux"):
+        survey = self.restricting_survey(catalog)
+        if survey is None or not self.is_aux(catalog):
             return None
-        allowed = self.programids("ZTF")
+        allowed = self.programids(survey.name)
 
         def keep(array: str) -> dict[str, Any]:
             return {
@@ -138,12 +144,6 @@ class DataRights:
     def pipeline(self, catalog: str, flt: dict[str, Any] | None = None) -> list[Stage]:
         """The restriction, then the user's filter."""
         return [*self.restriction(catalog), *([{"$match": flt}] if flt else [])]
-
-    def cutout_clause(self, survey: str) -> dict[str, Any]:
-        """Extra conditions on the alert a cutout is read from."""
-        collection = self.cfg.database.collections.get(f"alerts_{survey}")
-        clause = self.document_clause(collection) if collection else None
-        return clause or {}
 
 
 def data_rights(request: web.Request) -> DataRights:
