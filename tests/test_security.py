@@ -501,6 +501,7 @@ async def test_concurrent_queries_per_user_are_capped(api: Api) -> None:
 
 
 # ------------------------------------------------------------------ 11. bad input
+# (`PUT /api/skymap` with `"aliases": 5` is covered by tests/test_skymaps.py)
 
 
 def find_body(flt: str) -> str:
@@ -564,10 +565,3 @@ async def test_bad_encodings_and_forms_are_a_clear_400(api: Api) -> None:
         headers={"Content-Type": "multipart/form-data; boundary=xyz"},
     )
     assert status == 400, answer
-
-
-async def test_skymap_with_non_list_aliases_is_a_clear_4xx(api: Api) -> None:
-    skymap = {"localization_name": "bad-aliases", "ra": 10.0, "dec": 10.0, "error": 1.0}
-    body = {"dateobs": "2020-02-02T12:00:00", "skymap": skymap, "aliases": 5}
-    status, answer = await api.call("PUT", "/api/skymap", "admin", json=body)
-    assert 400 <= status < 500, answer
