@@ -402,21 +402,3 @@ async def skymap_delete(request: web.Request) -> web.Response:
     if result.deleted_count == 0:
         return json_response({"status": "error", "message": NO_SKYMAP})
     return success(f"deleted {result.deleted_count} skymap")
-
-
-def query_lookup(spec: dict[str, Any]) -> dict[str, Any]:
-    """The `skymap` query type's selection (upstream: localization_name and any of dateobs,
-    trigger_id, aliases), built from plain values only so no operator reaches the database."""
-    same: list[dict[str, Any]] = []
-    if spec.get("dateobs"):
-        same.append({"dateobs": parse_dateobs(spec["dateobs"])})
-    trigger = spec.get("trigger_id", spec.get("triggerid"))
-    if trigger is not None:
-        same.append({"triggerid": plain_triggerid(trigger)})
-    aliases = plain_aliases(spec.get("aliases"))
-    if aliases:
-        same.append({"aliases": {"$in": aliases}})
-    if not same:
-        raise BadRequest("query.skymap needs dateobs, trigger_id or aliases")
-    name = plain_str(spec.get("localization_name"), "query.skymap.localization_name")
-    return {"localization_name": name, "$or": same}
