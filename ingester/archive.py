@@ -207,9 +207,16 @@ async def insert_ignoring_duplicates(coll: AsyncCollection[Doc], docs: Sequence[
         return int(exc.details.get("nInserted", len(docs) - len(errors)))
 
 
+async def existing_candids(coll: AsyncCollection[Doc], candids: Sequence[int]) -> set[int]:
+    docs = await coll.find({"candid": {"$in": list(candids)}}, {"_id": 0, "candid": 1}).to_list()
+    return {int(d["candid"]) for d in docs}
+
+
 async def insert_alerts(coll: AsyncCollection[Doc], docs: Sequence[Doc]) -> int:
-    """Bulk insert; alerts already stored (unique candid) are fine, any other error raises."""
-    return await insert_ignoring_duplicates(coll, docs)
+    """Insert the alerts not stored yet (a batch redone after a crash stores each once, with or
+    without a unique candid index); any error but a duplicate key raises."""
+    stored = await existing_candids(coll, [d["candid"] for d in docs]) if docs else set()
+    return await insert_ignoring_duplicates(coll, [d for d in docs if d["candid"] not in stored])
 
 
 def prepare_database(cfg: Config, surveys: Sequence[str]) -> None:

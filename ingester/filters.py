@@ -186,7 +186,7 @@ async def run_resilient(
         except OperationFailure as exc:
             if database_unavailable(exc):
                 raise
-            error = f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__}: {(exc.details or {}).get('errmsg', exc)}"
             log.warning(
                 "filter %s (%s) failed on %d alert(s), attempt %d: %s",
                 template.filter_id,
