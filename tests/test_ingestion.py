@@ -63,7 +63,14 @@ def all_packets() -> list[Path]:
 
 
 def night_config(test_environ: dict[str, str], kafka: str, tag: str, **extra: str) -> Config:
-    env = {
+    return build_config([], night_environ(test_environ, kafka, tag, **extra))
+
+
+def night_environ(
+    test_environ: dict[str, str], kafka: str, tag: str, **extra: str
+) -> dict[str, str]:
+    """Environment of an ingester of its own: database `ingest_<tag>`, topics ending in `_<tag>`."""
+    return {
         **test_environ,
         "KAFKA_BOOTSTRAP_SERVERS": kafka,
         "KOWALSKI__database__db": f"ingest_{tag}",
@@ -73,7 +80,6 @@ def night_config(test_environ: dict[str, str], kafka: str, tag: str, **extra: st
         "KOWALSKI__kafka__topics__TURBO": f"^turbo_[0-9]{{8}}_{tag}$",
         **extra,
     }
-    return build_config([], env)
 
 
 @pytest.fixture(scope="module")
