@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+from typing import Any
 
 from ingester.consumer import Ingester, enabled_surveys, start_cluster
 from ingester.surveys import SURVEYS
@@ -35,7 +36,7 @@ def failed_filters(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = load_config_or_exit()
 
-    async def fetch() -> list[dict[str, object]]:
+    async def fetch() -> list[dict[str, Any]]:
         client = async_client(cfg)
         try:
             return await failed_runs(client[cfg.database.db], cfg, args.limit)

@@ -8,8 +8,8 @@ batches to the workers, commit offsets only after a batch is stored.
   backoff; nothing is dropped.
 - A commit that fails while the broker is away is retried; one that can no longer succeed (the
   group rebalanced meanwhile) is given up: the batch is re-delivered and recognised as done.
-- A restart resumes at the committed offsets; re-delivered alerts are harmless (unique candid,
-  idempotent history merges).
+- A restart resumes at the committed offsets; re-delivered alerts are harmless: completed ones
+  are skipped (the `handoffs` ledger), a batch cut short is redone (see `ingester.pipeline`).
 """
 
 from __future__ import annotations

@@ -118,7 +118,9 @@ def check_record(survey: Survey, record: Doc) -> str | None:
         return f"check: no {survey.object_key}"
     candidate = record.get("candidate") or {}
     ra, dec = candidate.get("ra"), candidate.get("dec")
-    if not all(isinstance(v, int | float) and math.isfinite(v) for v in (ra, dec)):
+    if not (isinstance(ra, int | float) and isinstance(dec, int | float)):
+        return f"check: no coordinates (ra={ra}, dec={dec})"
+    if not (math.isfinite(ra) and math.isfinite(dec)):
         return f"check: coordinates not finite (ra={ra}, dec={dec})"
     if not (0.0 <= ra <= 360.0 and -90.0 <= dec <= 90.0):
         return f"check: coordinates out of range (ra={ra}, dec={dec})"
@@ -184,9 +186,13 @@ class Pipeline:
     async def dedup(
         self, survey: Survey, decoded: list[tuple[Packet, Doc]], report: BatchReport
     ) -> dict[int, tuple[Packet, Doc]]:
-        """Alerts not completed before, once each (a batch cut short is redone in full)."""
+        """Alerts not completed before, once each (a batch cut short is redone in full). A ledger
+        record whose alert is no longer stored (collection dropped, re-seeded) does not count."""
         ledger = self.db[archive.handoffs_collection(self.cfg)]
         done = await archive.completed_candids(ledger, survey, [r["candid"] for _, r in decoded])
+        if done:
+            alerts = self.db[survey.alerts_collection(self.cfg)]
+            done &= await archive.existing_candids(alerts, list(done))
         fresh: dict[int, tuple[Packet, Doc]] = {}
         for packet, record in decoded:
             if record["candid"] in done or record["candid"] in fresh:
