@@ -16,9 +16,9 @@ import threading
 from typing import Any
 
 from ingester.consumer import Ingester, enabled_surveys, start_cluster
-from ingester.surveys import SURVEYS
 from kowalski.config import load_config_or_exit
 from kowalski.services.kafka import broker_ready
+from kowalski.surveys import SURVEYS
 
 
 def failed_filters(argv: list[str]) -> int:

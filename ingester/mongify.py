@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingester.surveys import Survey
 from kowalski.coords import coordinates_block
+from kowalski.surveys import Survey
 
 MISSING = -99999
 MAG_CONST = 1.0857362047581294  # 2.5 / ln(10)

@@ -23,9 +23,9 @@ from ingester.decode import decode_packet, writer_schema
 from ingester.ml import load_models
 from ingester.pipeline import Packet, Pipeline
 from ingester.replay import replay
-from ingester.surveys import SURVEYS as SURVEY_REGISTRY
 from kowalski.config import Config, build_config
 from kowalski.coords import coordinates_block
+from kowalski.surveys import SURVEYS as SURVEY_REGISTRY
 
 from .conftest import DATA, OTHER_ALERTS, ZTF_ALERTS
 from .test_ml import COLUMNS
