@@ -22,6 +22,7 @@ the score is absent).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import math
 import time
@@ -152,15 +153,19 @@ class Pipeline:
         return cached
 
     async def dead_letter(self, packet: Packet, error: str) -> None:
-        await self.db[self.cfg.database.collections["dead_letters"]].insert_one(
-            {
-                "topic": packet.topic,
-                "partition": packet.partition,
-                "offset": packet.offset,
-                "error": error,
-                "packet": Binary(packet.value),
-                "received_at": now(),
-            }
+        """Keep a packet that cannot be archived, once (a batch redone does not add it again)."""
+        digest = hashlib.sha1(packet.value).hexdigest()[:16]
+        key = f"{packet.topic}:{packet.partition}:{packet.offset}:{digest}"
+        letter = {
+            "topic": packet.topic,
+            "partition": packet.partition,
+            "offset": packet.offset,
+            "error": error,
+            "packet": Binary(packet.value),
+            "received_at": now(),
+        }
+        await self.db[self.cfg.database.collections["dead_letters"]].update_one(
+            {"_id": key}, {"$setOnInsert": letter}, upsert=True
         )
 
     async def decode(
