@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     # the database: MONGODB_URI, else the running `up --local` instance, else one of its own
     server = None
     env = {**os.environ, "KOWALSKI__database__db": "kowalski_bench"}
+    env["KOWALSKI__server__insecure_dev"] = "true"  # logs in as admin/admin
     cfg = build_config(user_files(), env)
     if cfg.origin("database") == CONFIGURED["database"]:
         server = EmbeddedMongo(

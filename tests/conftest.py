@@ -77,6 +77,7 @@ def test_environ(
         "KOWALSKI__database__db": test_db_name,
         "KOWALSKI__local__var_dir": str(tmp_path_factory.mktemp("var")),
         "KOWALSKI_JWT_SECRET_KEY": "test-" + uuid.uuid4().hex,
+        "KOWALSKI__server__insecure_dev": "true",  # tests log in as admin/admin
     }
 
 
