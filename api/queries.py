@@ -23,7 +23,7 @@ from api.responses import BadRequest, Forbidden, NotFound, stream_list, success
 from api.safety import check_safe, parse_json_arg, referenced_collections
 from kowalski import cones
 from kowalski.config import Config
-from kowalski.coords import RADIUS_TO_RAD, cone_clause, parse_dec, parse_ra
+from kowalski.coords import RADIUS_TO_RAD, parse_dec, parse_ra
 from kowalski.db import system_collection_names
 
 MESSAGE = "Successfully executed query"
@@ -428,9 +428,9 @@ async def q_cone_search(ctx: QueryContext, query: dict[str, Any]) -> web.StreamR
     per_object = any(ctx.kwargs.get(k) is not None for k in ("skip", "limit", "sort", "hint"))
 
     async def run(catalog: str, spec: dict[str, Any], ra: float, dec: float) -> list[Any]:
-        cone = cone_clause(ra, dec, radius)
-        user = {k: v for k, v in spec["filter"].items() if k not in cone}
-        flt = {**user, **cone} if filter_first else {**cone, **user}
+        cone = cones.cone_query(ra, dec, radius, await cones.has_cells(ctx.db[catalog]))
+        user = {k: v for k, v in spec["filter"].items() if k != cones.GEO_FIELD}
+        flt = cones.and_filters(user, cone) if filter_first else cones.and_filters(cone, user)
         cursor = await find_docs(ctx, ctx.db[catalog], flt, spec["projection"])
         return await cursor.to_list()
 
@@ -463,7 +463,8 @@ async def batched_cones(
             async with semaphore:
                 return await (await find_docs(ctx, ctx.db[catalog], query, projection)).to_list()
 
-        matches = await cones.search(find, positions, radius, spec["filter"])
+        cells = await cones.has_cells(ctx.db[catalog])
+        matches = await cones.search(find, positions, radius, spec["filter"], cells)
         return {
             name: [cones.strip_position(d) if strip else d for d, _ in found]
             for name, found in zip(names, matches, strict=True)
