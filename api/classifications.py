@@ -12,19 +12,24 @@ from pymongo import UpdateOne
 from api.auth import admin_required, current_user, read_body
 from api.responses import BadRequest, NotFound, path_int, success
 from kowalski.config import Config
+from kowalski.surveys import UnknownSurvey, survey_for_key
 
 KINDS = ("human_labels", "ml_scores")
 
 
 def _collections(request: web.Request) -> tuple[Any, Any, str]:
     cfg: Config = request.app["config"]
-    survey = request.match_info["survey"].lower()
+    key = request.match_info["survey"]
+    try:
+        survey = survey_for_key(key)
+    except UnknownSurvey:
+        raise BadRequest(f"classifications are not configured for survey {key.lower()!r}") from None
     names = cfg.database.collections
-    alerts, labels = names.get(f"alerts_{survey}"), names.get(f"alerts_{survey}_classifications")
+    alerts, labels = names.get(survey.alerts_key), names.get(f"{survey.alerts_key}_classifications")
     if not alerts or not labels:
-        raise BadRequest(f"classifications are not configured for survey {survey!r}")
+        raise BadRequest(f"classifications are not configured for survey {survey.key!r}")
     db = request.app["db"]
-    return db[alerts], db[labels], "objectid" if survey == "wntr" else "objectId"
+    return db[alerts], db[labels], survey.object_key
 
 
 def scores(value: Any, field: str) -> dict[str, float]:

@@ -10,20 +10,16 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from api.auth import current_user
+from api.policy import data_rights
 from api.responses import BadRequest, NotFound, path_int
 from kowalski.config import Config
 from kowalski.fits import read_stamp
+from kowalski.surveys import Orientation, Survey, UnknownSurvey, survey_for_key
 
-SURVEYS = ("ztf", "pgir", "wntr", "turbo")
 CUTOUTS = ("science", "template", "difference")
 INTERVALS = ("min_max", "zscale", "asymmetric_percentile")
 STRETCHES = ("linear", "log", "asinh", "sqrt")
 CMAPS = ("bone", "gray", "cividis", "viridis", "magma")
-
-
-def cutout_field(survey: str, cutout: str) -> str:
-    return f"cutout_{cutout}" if survey == "wntr" else f"cutout{cutout.capitalize()}"
 
 
 def stamp_bytes(value: Any) -> tuple[bytes, str | None]:
@@ -33,7 +29,7 @@ def stamp_bytes(value: Any) -> tuple[bytes, str | None]:
     return bytes(value or b""), None
 
 
-def read_image(gz_fits: bytes, survey: str, with_header: bool) -> tuple[np.ndarray, Any]:
+def read_image(gz_fits: bytes, survey: Survey, with_header: bool) -> tuple[np.ndarray, Any]:
     """The oriented image (and, for FITS downloads, the astropy header)."""
     header = None
     if with_header:
@@ -45,11 +41,16 @@ def read_image(gz_fits: bytes, survey: str, with_header: bool) -> tuple[np.ndarr
             header = hdul[0].header.copy()
     else:
         data = np.asarray(read_stamp(gz_fits), dtype=np.float64)
-    if survey in ("ztf", "turbo"):
-        data = np.flipud(data)
-    elif survey == "pgir":
-        data = np.rot90(np.fliplr(data), 3)
-    return data, header
+    return orient(data, survey.orientation), header
+
+
+def orient(data: np.ndarray, orientation: Orientation) -> np.ndarray:
+    """North up, east left, as upstream shows each survey's cutouts."""
+    if orientation == "flipud":
+        return np.flipud(data)
+    if orientation == "rot270_fliplr":
+        return np.rot90(np.fliplr(data), 3)
+    return data
 
 
 def render_png(data: np.ndarray, interval: str, stretch: str, cmap: str) -> bytes:
@@ -112,11 +113,12 @@ def choice(request: web.Request, name: str, options: tuple[str, ...], default: s
 async def cutout_get(request: web.Request) -> web.Response:
     """GET /api/cutouts/{survey}/{candid}/{cutout}/{fits|png}."""
     cfg: Config = request.app["config"]
-    survey = request.match_info["survey"].lower()
+    try:
+        survey = survey_for_key(request.match_info["survey"])
+    except UnknownSurvey as exc:
+        raise BadRequest(str(exc)) from None
     cutout = request.match_info["cutout"].lower()
     file_format = request.match_info["file_format"].lower()
-    if survey not in SURVEYS:
-        raise BadRequest(f"survey must be one of {list(SURVEYS)}, got {survey!r}")
     if cutout not in CUTOUTS:
         raise BadRequest(f"cutout must be one of {list(CUTOUTS)}, got {cutout!r}")
     if file_format not in ("fits", "png"):
@@ -125,16 +127,17 @@ async def cutout_get(request: web.Request) -> web.Response:
     stretch = choice(request, "stretch", STRETCHES, "linear" if cutout == "difference" else "log")
     cmap = choice(request, "cmap", CMAPS, "bone")
 
-    collection = cfg.database.collections.get(f"alerts_{survey}")
+    collection = cfg.database.collections.get(survey.alerts_key)
     if not collection:
-        raise BadRequest(f"no alert collection configured for {survey}")
-    field = cutout_field(survey, cutout)
-    flt: dict[str, Any] = {"candid": path_int(request, "candid")}
-    if survey == "ztf":
-        flt["candidate.programid"] = {"$in": current_user(request).allowed_programids("ZTF")}
+        raise BadRequest(f"no alert collection configured for {survey.key}")
+    field = survey.cutout_field(cutout)
+    flt: dict[str, Any] = {
+        survey.detection_key: path_int(request, "candid"),
+        **(data_rights(request).document_clause(collection) or {}),
+    }
     doc = await request.app["db"][collection].find_one(flt, {field: 1})
     if doc is None or not doc.get(field):
-        raise NotFound(f"no {cutout} cutout for {survey} candid {flt['candid']}")
+        raise NotFound(f"no {cutout} cutout for {survey.key} candid {flt[survey.detection_key]}")
     gz_fits, file_name = stamp_bytes(doc[field])
     loop = asyncio.get_running_loop()
     try:
@@ -145,7 +148,9 @@ async def cutout_get(request: web.Request) -> web.Response:
         raise BadRequest(f"stored cutout cannot be read as FITS: {exc}") from None
     if file_format == "fits":
         body = await loop.run_in_executor(None, write_fits, data, header)
-        name = (file_name or f"{survey}_{flt['candid']}_{cutout}.fits").removesuffix(".gz")
+        name = (
+            file_name or f"{survey.key}_{flt[survey.detection_key]}_{cutout}.fits"
+        ).removesuffix(".gz")
         return web.Response(
             body=body,
             content_type="image/fits",

@@ -32,13 +32,13 @@ import fastavro
 from ingester.decode import decode_packet
 from ingester.ml import load_models, score_batch
 from ingester.pipeline import BatchReport, Packet, Pipeline
-from ingester.surveys import SURVEYS
 from kowalski.catalogs.ingest import Columns, frame_chunks, ingest_chunks
 from kowalski.catalogs.synthetic import generate
 from kowalski.config import ROOT, Config, build_config
 from kowalski.db import async_client, sync_client
 from kowalski.services._process import free_port
 from kowalski.services.mongo import EmbeddedMongo
+from kowalski.surveys import SURVEYS
 
 PACKETS = sorted((ROOT / "data" / "ztf_alerts").rglob("*.avro"))
 DB_STAGES = ("dedup", "aux", "store", "filters")
@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         ).start()
         env["MONGODB_URI"] = server.uri
     env["KOWALSKI__database__db"] = "kowalski_bench"
+    env["KOWALSKI__server__insecure_dev"] = "true"  # logs in as admin/admin
     try:
         cfg = build_config([], env)
         packets = [p.read_bytes() for p in PACKETS]

@@ -9,9 +9,9 @@ import sys
 import threading
 
 from ingester.consumer import Ingester, enabled_surveys, start_cluster
-from ingester.surveys import SURVEYS
 from kowalski.config import load_config_or_exit
 from kowalski.services.kafka import broker_ready
+from kowalski.surveys import SURVEYS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,8 +21,8 @@ from ingester.mongify import (
     merge_fp_hists,
     merge_prv_candidates,
 )
-from ingester.surveys import Survey
 from kowalski.config import Config
+from kowalski.surveys import Survey
 
 Doc = dict[str, Any]
 # (positions, catalogs wanted per position) -> {catalog: matches} per position
@@ -160,8 +160,8 @@ async def insert_alerts(coll: AsyncCollection[Doc], docs: Sequence[Doc]) -> int:
 
 def prepare_database(cfg: Config, surveys: Sequence[str]) -> None:
     """Indexes of the alert collections, once, before any batch runs (not raced by workers)."""
-    from ingester.surveys import SURVEYS
     from kowalski.db import create_index_sync, ensure_indexes_sync, sync_client
+    from kowalski.surveys import SURVEYS
 
     if not cfg.database.build_indexes:
         return

@@ -25,8 +25,8 @@ from distributed import Client, Future, WorkerPlugin, get_worker
 
 from ingester.archive import prepare_database
 from ingester.pipeline import BatchReport, Packet, Pipeline
-from ingester.surveys import SURVEYS, survey_for_topic
 from kowalski.config import Config
+from kowalski.surveys import SURVEYS, survey_for_topic
 
 log = logging.getLogger("kowalski.ingester")
 MAX_BACKOFF_SECONDS = 60.0
@@ -138,7 +138,7 @@ class Ingester:
                 "fetch.message.max.bytes": 10_485_760,
             }
         )
-        self.patterns = [self.cfg.kafka.topics[s] for s in self.surveys]
+        self.patterns = [SURVEYS[s].subscription(self.cfg.kafka.topics) for s in self.surveys]
         self.in_flight: deque[Batch] = deque()
         self.assigned: set[tuple[str, int]] = set()
         self.consumer.subscribe(self.patterns, on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -203,7 +203,9 @@ class Ingester:
                     log.warning("kafka: %s", msg.error())
                 continue
             packet = Packet(msg.topic(), msg.partition(), msg.offset(), msg.value())
-            by_survey.setdefault(survey_for_topic(packet.topic).name, []).append(packet)
+            by_survey.setdefault(
+                survey_for_topic(packet.topic, self.cfg.kafka.topics).name, []
+            ).append(packet)
         for survey, packets in by_survey.items():
             self.submit(survey, packets)
         self.settle(block=len(self.in_flight) >= self.max_in_flight)

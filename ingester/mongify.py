@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingester.surveys import Survey
 from kowalski.coords import coordinates_block
 from kowalski.skycells import CELL_KEY, sky_cell
+from kowalski.surveys import Survey
 
 MISSING = -99999
 MAG_CONST = 1.0857362047581294  # 2.5 / ln(10)

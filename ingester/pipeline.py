@@ -23,8 +23,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 from ingester import archive, filters, ml, xmatch
 from ingester.decode import decode_packet
 from ingester.mongify import Parts, split_alert
-from ingester.surveys import Survey
 from kowalski.config import Config
+from kowalski.surveys import Survey
 
 log = logging.getLogger("kowalski.ingester")
 Doc = dict[str, Any]

@@ -12,46 +12,36 @@ from tqdm import tqdm
 
 from ingester.decode import decode_packet
 from kowalski.config import Config
+from kowalski.surveys import SURVEYS, Survey, survey_of_path
 
 JD_UNIX_EPOCH = 2440587.5
-PREFIXES = {"ZTF": "ztf", "PGIR": "pgir", "WNTR": "winter", "TURBO": "turbo"}
 
 
 def night(jd: float) -> str:
     return (dt.datetime(1970, 1, 1) + dt.timedelta(days=jd - JD_UNIX_EPOCH)).strftime("%Y%m%d")
 
 
-def topic_for(packet: bytes, survey: str, suffix: str = "") -> str:
+def topic_for(packet: bytes, survey: Survey, suffix: str = "") -> str:
     """The nightly topic a packet belongs to, from its own candidate (jd, programid)."""
     candidate = decode_packet(packet)[0]["candidate"]
-    name = f"{PREFIXES[survey]}_{night(candidate['jd'])}"
-    if survey == "ZTF":
-        name += f"_programid{candidate['programid']}"
-    return name + suffix
-
-
-def survey_of(path: Path) -> str:
-    parts = {p.lower() for p in path.parts}
-    for survey, folder in (
-        ("PGIR", "pgir_alerts"),
-        ("WNTR", "wntr_alerts"),
-        ("TURBO", "turbo_alerts"),
-    ):
-        if folder in parts:
-            return survey
-    return "ZTF"
+    return survey.nightly_topic(night(candidate["jd"]), candidate) + suffix
 
 
 def replay(
-    bootstrap_servers: str, files: Iterable[Path], suffix: str = "", progress: bool = True
+    bootstrap_servers: str,
+    files: Iterable[Path],
+    suffix: str = "",
+    progress: bool = True,
+    survey: Survey | None = None,
 ) -> dict[str, int]:
-    """Produce every file's bytes unchanged; returns packets per topic."""
+    """Produce every file's bytes unchanged; returns packets per topic. The survey of each file is
+    `survey`, else the one whose data folder it lies in."""
     producer = Producer({"bootstrap.servers": bootstrap_servers, "message.max.bytes": 10_485_760})
     counts: dict[str, int] = {}
     paths = sorted(files)
     for path in tqdm(paths, desc="replaying alerts", unit="alert", disable=not progress):
         packet = path.read_bytes()
-        topic = topic_for(packet, survey_of(path), suffix)
+        topic = topic_for(packet, survey or survey_of_path(path), suffix)
         producer.produce(topic, packet)
         counts[topic] = counts.get(topic, 0) + 1
         producer.poll(0)
@@ -69,12 +59,11 @@ def ingest_files(cfg: Config, files: Iterable[Path], batch_size: int = 64) -> di
     from ingester.archive import prepare_database
     from ingester.ml import load_models
     from ingester.pipeline import BatchReport, Packet, Pipeline
-    from ingester.surveys import SURVEYS
     from kowalski.db import async_client
 
     by_survey: dict[str, list[Path]] = {}
     for path in sorted(files):
-        by_survey.setdefault(survey_of(path), []).append(path)
+        by_survey.setdefault(survey_of_path(path).name, []).append(path)
 
     prepare_database(cfg, list(by_survey))
 

@@ -11,6 +11,7 @@ from typing import Any
 from bson import json_util
 
 from kowalski.config import Config
+from kowalski.surveys import survey_for_collection
 
 # stages a user filter may not contain (upstream: $lookup/$unionWith/$out/$merge), plus JavaScript
 FORBIDDEN_FILTER_STAGES = frozenset({"$lookup", "$unionWith", "$out", "$merge"})
@@ -107,9 +108,11 @@ def archive_pipeline(
     stages = upstream_stages(cfg, catalog, permissions)
     match = stages[0]["$match"]
     match.pop("candid", None)
-    object_key = "objectid" if catalog.startswith("WNTR") else "objectId"
+    survey = survey_for_collection(cfg.database.collections, catalog)
     if object_ids:
-        match[object_key] = {"$in": list(object_ids)}
+        if survey is None:
+            raise ValueError(f"{catalog} is not a survey's alert collection")
+        match[survey.object_key] = {"$in": list(object_ids)}
     if jd_range:
         match["candidate.jd"] = {"$gte": jd_range[0], "$lt": jd_range[1]}
     _add_history_cutoff(stages[3])

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from kowalski.config import ROOT, Config, load_config
+from kowalski.config import ROOT, Config, load_config, local_api_env
 from kowalski.services._process import (
     ServiceError,
     ToolMissing,
@@ -27,8 +27,7 @@ from kowalski.services._process import (
 from kowalski.services.api import ApiServer, answers
 from kowalski.services.kafka import LocalKafka, broker_ready
 from kowalski.services.mongo import EmbeddedMongo, ping
-
-ALL_SURVEYS = ["ZTF", "PGIR", "WNTR", "TURBO"]
+from kowalski.surveys import SURVEYS, bundled_packets
 
 
 def var_dir(cfg: Config) -> Path:
@@ -42,10 +41,7 @@ def pid_file(cfg: Config) -> Path:
 
 
 def bundled_alerts() -> list[Path]:
-    data = ROOT / "data"
-    return sorted(
-        [*(data / "ztf_alerts").rglob("*.avro"), *(data / "other_alerts").rglob("*.avro")]
-    )
+    return bundled_packets(ROOT / "data")
 
 
 def say(message: str) -> None:
@@ -117,7 +113,8 @@ def run_local(replay: bool = True, detach: bool = False) -> int:
             env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
             say(f"Kafka at {bootstrap}")
 
-        # API
+        # API: on 127.0.0.1, with a random JWT secret kept in var/
+        env.update(local_api_env(cfg, var))
         os.environ.update(env)
         load_config.cache_clear()
         cfg = load_config()
@@ -129,7 +126,7 @@ def run_local(replay: bool = True, detach: bool = False) -> int:
 
         # ingester + alerts
         if bootstrap:
-            args = [sys.executable, "-m", "ingester"] + [f"--survey={s}" for s in ALL_SURVEYS]
+            args = [sys.executable, "-m", "ingester"] + [f"--survey={s}" for s in SURVEYS]
             ingester = start_process(args, logs / "ingester.log", cwd=ROOT, env=env)
             stack.append(ingester)
             say(f"ingester running (logs: {logs / 'ingester.log'})")

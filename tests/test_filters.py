@@ -10,8 +10,8 @@ from pymongo import AsyncMongoClient
 
 from ingester.ml import load_models
 from ingester.pipeline import Packet, Pipeline
-from ingester.surveys import SURVEYS, Survey
 from kowalski.config import build_config
+from kowalski.surveys import SURVEYS, Survey
 
 from .conftest import ZTF_ALERTS
 

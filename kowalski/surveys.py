@@ -1,0 +1,165 @@
+"""The survey registry: everything that differs between alert streams lives here, once.
+
+Each entry says how a survey's alerts are named on Kafka, keyed, stored, shown and protected.
+The rest of the system (ingester stages, replay, the local supervisor, the API's cutouts, data
+rights and filters) derives its behaviour from these entries; adding a survey is one entry here
+plus, where its packets need one, a decoder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+# how a stored cutout image is turned to north-up / east-left, as upstream shows them
+Orientation = Literal["flipud", "rot270_fliplr", "none"]
+# how cutout fields are named in a survey's alerts: cutoutScience or cutout_science
+CutoutNaming = Literal["camel", "snake"]
+# who may see an alert: everyone, or users holding the alert's programid
+Rights = Literal["public", "programid"]
+
+
+@dataclass(frozen=True)
+class Survey:
+    name: str  # registry key, also the instrument key in config (ZTF, PGIR, WNTR, TURBO)
+    key: str  # lower-case key: collections `alerts_<key>`, cutout routes `/api/cutouts/<key>`
+    topic_prefix: str  # nightly topics `<prefix>_YYYYMMDD` (default subscription pattern)
+    object_key: str  # the object identifier field of an alert (objectId; objectid for WINTER)
+    detection_key: str = "candid"  # the unique detection identifier of an alert
+    fp_hists: bool = False  # the stream carries forced photometry
+    topic_per_programid: bool = False  # nightly topics are split by programid (ZTF)
+    cutout_naming: CutoutNaming = "camel"
+    orientation: Orientation = "none"
+    rights: Rights = "public"
+    data_folder: str = ""  # folder of the bundled real packets under data/
+
+    @property
+    def alerts_key(self) -> str:
+        return f"alerts_{self.key}"
+
+    @property
+    def aux_key(self) -> str:
+        return f"alerts_{self.key}_aux"
+
+    @property
+    def topic_pattern(self) -> str:
+        """The default subscription (librdkafka regex, hence no \\d)."""
+        suffix = "_programid[123]" if self.topic_per_programid else ""
+        return f"^{self.topic_prefix}_[0-9]{{8}}{suffix}"
+
+    def subscription(self, configured: Mapping[str, str]) -> str:
+        """The topic pattern to subscribe to: `kafka.topics[<name>]` where set, else the default."""
+        return configured.get(self.name, self.topic_pattern)
+
+    def alerts_collection(self, cfg: Any) -> str:
+        return str(cfg.database.collections[self.alerts_key])
+
+    def aux_collection(self, cfg: Any) -> str:
+        return str(cfg.database.collections[self.aux_key])
+
+    def nightly_topic(self, night: str, candidate: Mapping[str, Any]) -> str:
+        """The topic an alert of `night` (YYYYMMDD) is published to by the survey."""
+        name = f"{self.topic_prefix}_{night}"
+        if self.topic_per_programid:
+            name += f"_programid{candidate['programid']}"
+        return name
+
+    def cutout_field(self, cutout: str) -> str:
+        """`science` -> the alert field holding that cutout."""
+        return f"cutout_{cutout}" if self.cutout_naming == "snake" else f"cutout{cutout.title()}"
+
+    @property
+    def programid_rights(self) -> bool:
+        return self.rights == "programid"
+
+
+SURVEYS: dict[str, Survey] = {
+    survey.name: survey
+    for survey in (
+        Survey(
+            "ZTF",
+            "ztf",
+            "ztf",
+            "objectId",
+            fp_hists=True,
+            topic_per_programid=True,
+            orientation="flipud",
+            rights="programid",
+            data_folder="ztf_alerts",
+        ),
+        Survey(
+            "PGIR",
+            "pgir",
+            "pgir",
+            "objectId",
+            orientation="rot270_fliplr",
+            data_folder="other_alerts/pgir_alerts",
+        ),
+        Survey(
+            "WNTR",
+            "wntr",
+            "winter",
+            "objectid",
+            cutout_naming="snake",
+            data_folder="other_alerts/wntr_alerts",
+        ),
+        Survey(
+            "TURBO",
+            "turbo",
+            "turbo",
+            "objectId",
+            orientation="flipud",
+            data_folder="other_alerts/turbo_alerts",
+        ),
+    )
+}
+
+
+class UnknownSurvey(LookupError):
+    """A topic, key or collection that no registered survey claims."""
+
+
+def survey_for_topic(topic: str, patterns: Mapping[str, str] | None = None) -> Survey:
+    """The survey whose subscription pattern (configured `kafka.topics`, else the default) matches."""
+    for survey in SURVEYS.values():
+        if re.match(survey.subscription(patterns or {}), topic):
+            return survey
+    raise UnknownSurvey(f"no survey subscribes to topic {topic!r}")
+
+
+def survey_for_key(key: str) -> Survey:
+    """`ztf` / `ZTF` -> the ZTF entry."""
+    for survey in SURVEYS.values():
+        if key.lower() == survey.key:
+            return survey
+    raise UnknownSurvey(f"survey must be one of {[s.key for s in SURVEYS.values()]}, got {key!r}")
+
+
+def survey_for_collection(collections: Mapping[str, str], name: str) -> Survey | None:
+    """The survey whose alerts or aux collection is `name` (per `database.collections`)."""
+    for survey in SURVEYS.values():
+        if name in (collections.get(survey.alerts_key), collections.get(survey.aux_key)):
+            return survey
+    return None
+
+
+def survey_of_path(path: Path) -> Survey:
+    """The survey of a packet file, from the name of the data folder it lies in (`pgir_alerts`)."""
+    parts = {part.lower() for part in path.parts}
+    for survey in SURVEYS.values():
+        if Path(survey.data_folder).name in parts:
+            return survey
+    folders = [Path(s.data_folder).name for s in SURVEYS.values()]
+    raise UnknownSurvey(f"{path}: name the survey, or put the file under one of {folders}")
+
+
+def bundled_packets(data_root: Path) -> list[Path]:
+    """Every bundled real packet of every survey."""
+    return sorted(
+        path
+        for survey in SURVEYS.values()
+        for path in (data_root / survey.data_folder).rglob("*.avro")
+    )
