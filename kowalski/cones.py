@@ -1,8 +1,10 @@
-"""Cone searches, the one way: each cone is its sky-cell ranges (a B-tree pre-selection, see
-kowalski/skycells.py) AND `$geoWithin/$centerSphere` (the exact test); collections without sky
-cells get `$geoWithin` alone. Many cones are one `$or` query per chunk of positions, each returned
-document assigned to the positions it lies within (great-circle distance). Used by the ingester's
-cross-match and the API's cone_search."""
+"""Cone searches, the one way. One cone: its sky-cell ranges (a B-tree pre-selection, see
+kowalski/skycells.py) AND `$geoWithin/$centerSphere` (the exact test). Many cones: one query per
+chunk of positions, the union of their cell ranges, every returned document then assigned to the
+positions it lies within by great-circle distance (the exact test; an `$or` of per-cone
+`{ranges, $geoWithin}` clauses was 2-3x slower than `$geoWithin` alone on secantusd-rs, the
+merged ranges 40x faster). Collections without sky cells get `$geoWithin` (an `$or` of cones).
+Used by the ingester's cross-match and the API's cone_search."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kowalski.coords import cone_clause, great_circle_distance
-from kowalski.skycells import CELL_FIELD, cone_cell_clause, is_cell_index
+from kowalski.skycells import CELL_FIELD, cone_cell_clause, cones_cell_clause, is_cell_index
 
 GEO_FIELD = "coordinates.radec_geojson"
 POSITIONS_PER_QUERY = 64
@@ -119,8 +121,12 @@ def chunks(
 def any_cone(
     positions: Sequence[tuple[float, float]], radius_rad: float, cells: bool = False
 ) -> dict[str, Any]:
-    cones = [cone_query(ra, dec, radius_rad, cells) for ra, dec in positions]
-    return {"$or": cones} if len(cones) > 1 else cones[0]
+    """The query of a chunk of cones: see the module's docstring."""
+    if len(positions) == 1:
+        return cone_query(*positions[0], radius_rad, cells)
+    if cells:
+        return cones_cell_clause(positions, radius_rad)
+    return {"$or": [cone_clause(ra, dec, radius_rad) for ra, dec in positions]}
 
 
 def assign(

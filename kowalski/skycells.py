@@ -128,6 +128,15 @@ def cone_cell_clause(ra: float, dec: float, radius_rad: float) -> dict[str, Any]
     return ranges_clause(cone_ranges(ra, dec, radius_rad))
 
 
+def cones_cell_clause(
+    positions: Sequence[tuple[float, float]], radius_rad: float
+) -> dict[str, Any]:
+    """The merged cell ranges of several cones of one radius, as one clause."""
+    return ranges_clause(
+        merge_ranges(r for ra, dec in positions for r in cone_ranges(ra, dec, radius_rad))
+    )
+
+
 def is_cell_index(keys: Sequence[Sequence[Any]]) -> bool:
     """Whether an index's key pattern starts with the cell field (usable for range scans)."""
     return bool(keys) and keys[0][0] == CELL_FIELD
