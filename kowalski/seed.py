@@ -20,12 +20,12 @@ from tqdm import tqdm
 from kowalski.catalogs.ingest import CHECKPOINTS, Report
 from kowalski.catalogs.readers import ReadError
 from kowalski.catalogs.surveys import ingester_for
+from kowalski.cones import GEO_FIELD
 from kowalski.config import load_config
 from kowalski.db import Document, create_index_sync, mongo_uri, sync_client
 from kowalski.skycells import CELL_FIELD, CELL_INDEX, CELL_INDEX_NAME, add_cells
 
 ARCHIVES = (".dump", ".archive", ".dump.gz", ".archive.gz")
-GEO_FIELD = "coordinates.radec_geojson"
 CELL_BATCH = 1000
 
 
