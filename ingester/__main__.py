@@ -17,7 +17,7 @@ from typing import Any
 
 from ingester.consumer import Ingester, enabled_surveys, start_cluster
 from kowalski.config import load_config_or_exit
-from kowalski.services.kafka import broker_ready
+from kowalski.testing.kafka import broker_ready
 from kowalski.surveys import SURVEYS
 
 
