@@ -18,14 +18,14 @@ from pymongo import UpdateOne
 from pymongo.collection import Collection
 from tqdm import tqdm
 
-from ops.catalogs.ingest import CHECKPOINTS, Report
-from ops.catalogs.readers import ReadError
-from ops.catalogs.surveys import ingester_for
 from kowalski.cones import GEO_FIELD
 from kowalski.config import Config, load_config
 from kowalski.connectivity import one_line_errors, require_database
 from kowalski.db import Document, create_index_sync, mongo_uri, sync_client
 from kowalski.skycells import CELL_FIELD, CELL_INDEX, CELL_INDEX_NAME, add_cells
+from ops.catalogs.ingest import CHECKPOINTS, Report
+from ops.catalogs.readers import ReadError
+from ops.catalogs.surveys import ingester_for
 
 ARCHIVES = (".dump", ".archive", ".dump.gz", ".archive.gz")
 CELL_BATCH = 1000

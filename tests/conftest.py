@@ -18,9 +18,9 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from kowalski.config import ROOT, Config, build_config
-from kowalski.testing.process import free_port
 from kowalski.testing.kafka import LocalKafka
 from kowalski.testing.mongo import EmbeddedMongo
+from kowalski.testing.process import free_port
 
 KOWALSKI = [sys.executable, str(ROOT / "kowalski.py")]
 DATA = ROOT / "data"

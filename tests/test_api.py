@@ -22,8 +22,8 @@ from ingester.decode import decode_packet
 from ingester.replay import ingest_files
 from kowalski.config import Config, build_config
 from kowalski.coords import great_circle_distance
-from kowalski.testing.process import free_port
 from kowalski.testing.api import ApiServer
+from kowalski.testing.process import free_port
 
 from .conftest import ZTF_ALERTS, ztf_alert_files
 

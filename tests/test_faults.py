@@ -33,9 +33,9 @@ from ingester.decode import decode_packet
 from ingester.mongify import history_key
 from ingester.replay import replay
 from kowalski.config import ROOT, build_config
-from kowalski.testing.process import free_port
 from kowalski.testing.kafka import LocalKafka, cluster_id
 from kowalski.testing.mongo import EmbeddedMongo
+from kowalski.testing.process import free_port
 
 from .conftest import OTHER_ALERTS, ZTF_ALERTS
 from .test_ingestion import FILTER, altered_packet, night_environ

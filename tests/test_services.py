@@ -12,8 +12,8 @@ from pymongo import AsyncMongoClient
 
 from kowalski.coords import cone_clause, coordinates_block
 from kowalski.testing import secantus
-from kowalski.testing.process import ServiceError, free_port
 from kowalski.testing.mongo import EmbeddedMongo, select_server
+from kowalski.testing.process import ServiceError, free_port
 
 from .conftest import ztf_alert_files
 

@@ -8,12 +8,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from ops.catalogs.ingest import Columns, frame_chunks, ingest_chunks
-from ops.catalogs.readers import ReadError, count_rows, read_chunks
-from ops.catalogs.synthetic import generate
 from kowalski.config import load_config_or_exit
 from kowalski.connectivity import one_line_errors, require_database
 from kowalski.db import sync_client
+from ops.catalogs.ingest import Columns, frame_chunks, ingest_chunks
+from ops.catalogs.readers import ReadError, count_rows, read_chunks
+from ops.catalogs.synthetic import generate
 
 
 def main(argv: list[str] | None = None) -> int:
