@@ -22,6 +22,7 @@ the score is absent).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import math
@@ -30,7 +31,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, get_type_hints
 
 from bson import Binary
 from pymongo.asynchronous.database import AsyncDatabase
@@ -73,9 +74,8 @@ class BatchReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def add(self, other: BatchReport) -> None:
-        for item in fields(self):
-            if item.type == "int":
-                setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
+        for name in _counters(type(self)):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         for stage, seconds in other.seconds.items():
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
@@ -88,6 +88,13 @@ class BatchReport:
         finally:
             elapsed = time.perf_counter() - start
             self.seconds[stage] = self.seconds.get(stage, 0.0) + elapsed
+
+
+@functools.cache
+def _counters(report: type[BatchReport]) -> tuple[str, ...]:
+    """The report's count fields (resolved types, whether annotations are strings or not)."""
+    hints = get_type_hints(report)
+    return tuple(item.name for item in fields(report) if hints[item.name] is int)
 
 
 async def no_handoff(survey: Survey, alerts: list[Doc], passed: dict[int, list[Doc]]) -> None:
