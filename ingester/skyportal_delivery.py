@@ -36,7 +36,8 @@ from kowalski.config import Config
 
 log = logging.getLogger("kowalski.skyportal")
 Doc = dict[str, Any]
-LEASE_SECONDS = 600.0
+STOP_GRACE_SECONDS = 30.0  # on stop, deliveries in flight get this long to finish
+CALLS_PER_ENTRY = 4  # the most calls one entry makes before its next progress record
 FOLLOWUP_STATUSES = ("complete", "submitted", "deleted", "failed")
 FAILED_REQUEST_MEMORY = dt.timedelta(hours=12)
 IGNORED_PAYLOAD_KEYS = frozenset(
@@ -87,10 +88,22 @@ class Delivery:
             if not started:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self.cfg.skyportal.poll_s)
+        if self._tasks:  # let deliveries in flight finish (each is bounded by timeouts)
+            await asyncio.wait(list(self._tasks), timeout=STOP_GRACE_SECONDS)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         return self.report
+
+    def lease_seconds(self) -> float:
+        """Longer than one entry's delivery can take: a lease older than that was left by a
+        process that died, and the entry is taken over."""
+        sp = self.cfg.skyportal
+        per_call = (sp.retries + 1) * max(
+            sp.timeout_s, sp.photometry_timeout_s, sp.followup_timeout_s
+        )
+        backoffs = sum(sp.backoff_s * 2**i for i in range(sp.retries))
+        return CALLS_PER_ENTRY * (per_call + backoffs) + 30.0
 
     async def round(self) -> int:
         """Start a delivery task for every object whose head entry is due; how many started."""
@@ -147,7 +160,7 @@ class Delivery:
             return None
         if _later(head.get("lease_until"), now):
             return None
-        lease = now + dt.timedelta(seconds=LEASE_SECONDS)
+        lease = now + dt.timedelta(seconds=self.lease_seconds())
         claimed = await self.outbox.update_one(
             {"_id": head["_id"], "state": PENDING, "lease_until": head.get("lease_until")},
             {"$set": {"lease_until": lease}},
@@ -163,7 +176,16 @@ class Delivery:
                 raise Rejected(0, f"unknown outbox kind {entry['kind']!r}")
             async with self.slots:
                 result = await handler(entry)
-        except Deferred as exc:
+        except Rejected as exc:
+            await self._finish(
+                entry, {"state": FAILED, "attempts": attempts, "last_error": str(exc)}
+            )
+            self.report.failed += 1
+            log.error("SkyPortal refused %s: %s", entry["_id"], exc)
+            return True
+        except Exception as exc:  # Deferred, or anything unexpected: kept, retried, visible
+            if not isinstance(exc, Deferred):
+                log.exception("SkyPortal: delivering %s failed", entry["_id"])
             delay = min(
                 self.cfg.skyportal.max_backoff_s, self.cfg.skyportal.backoff_s * 2**attempts
             )
@@ -178,15 +200,8 @@ class Delivery:
             self.report.deferred += 1
             log.warning("SkyPortal: %s deferred (attempt %d): %s", entry["_id"], attempts, exc)
             return False
-        except Rejected as exc:
-            await self._finish(
-                entry, {"state": FAILED, "attempts": attempts, "last_error": str(exc)}
-            )
-            self.report.failed += 1
-            log.error("SkyPortal refused %s: %s", entry["_id"], exc)
-            return True
-        except asyncio.CancelledError:
-            await asyncio.shield(self._finish(entry, {}))
+        except asyncio.CancelledError:  # shutting down: release the lease at once
+            await self._finish(entry, {})
             raise
         await self._finish(
             entry, {"state": DONE, "attempts": attempts, "done_at": utcnow(), "result": result}

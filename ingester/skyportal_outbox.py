@@ -84,6 +84,11 @@ def format_status(report: Doc) -> str:
         lines.append(f"{kind:<12} {c[PENDING]:>8} {c[FAILED]:>8} {c[DONE]:>8}")
     if len(lines) == 1:
         lines.append("(the outbox is empty)")
+    else:
+        totals = [
+            sum(c[state] for c in report["counts"].values()) for state in (PENDING, FAILED, DONE)
+        ]
+        lines.append(f"{'total':<12} {totals[0]:>8} {totals[1]:>8} {totals[2]:>8}")
     oldest = report["oldest_pending"]
     if oldest:
         lines.append(
