@@ -554,7 +554,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             await client.close()
 
-    print(asyncio.run(run()))
+    from pymongo.errors import PyMongoError
+
+    try:
+        print(asyncio.run(run()))
+    except PyMongoError as exc:
+        print(f"error: database: {str(exc).splitlines()[0][:300]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -496,7 +496,7 @@ def test_skyportal_down_through_replay_and_restart_then_back(
     assert report["oldest_pending"]["attempts"] >= 1
     assert "oldest pending:" in format_status(report)
     cli = subprocess.run(
-        [sys.executable, "-m", "ingester.skyportal", "status"],
+        [sys.executable, str(ROOT / "kowalski.py"), "feed", "status"],
         cwd=ROOT,
         env={**test_environ, "KOWALSKI__database__db": cfg.database.db},
         capture_output=True,
