@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import json
 import logging
 import sys
 from collections import defaultdict
@@ -388,7 +389,7 @@ def annotation_posts(obj: str, filters: list[Doc], new: bool) -> list[tuple[str,
         data = (f.get("data") or {}).get("annotations") or {}
         if not isinstance(data, dict) or not data:
             continue
-        body = {"obj_id": obj, "data": data, "group_ids": [f["group_id"]]}
+        body = {"obj_id": obj, "data": json_safe(data), "group_ids": [f["group_id"]]}
         extra = {
             "group_id": f["group_id"],
             "filter_id": f["filter_id"],
@@ -397,6 +398,13 @@ def annotation_posts(obj: str, filters: list[Doc], new: bool) -> list[tuple[str,
         }
         posts.append(("annotation", str(f["filter_id"]), body, extra))
     return posts
+
+
+def json_safe(value: Any) -> Any:
+    """A filter's output as JSON (ObjectId, dates, ... in MongoDB extended JSON)."""
+    from bson import json_util
+
+    return json.loads(json_util.dumps(value))
 
 
 def autosave_posts(obj: str, filters: list[Doc], new: bool) -> list[tuple[str, str, Doc, Doc]]:

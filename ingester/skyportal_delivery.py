@@ -110,7 +110,7 @@ class Delivery:
         now = utcnow()
         heads: dict[str, Doc] = {}
         cursor = self.outbox.find(
-            {"state": PENDING},
+            {"state": PENDING, "next_attempt_at": {"$lte": now}},
             {"obj_id": 1, "seq": 1, "next_attempt_at": 1, "lease_until": 1},
             sort=[("obj_id", ASCENDING), ("seq", ASCENDING), ("_id", ASCENDING)],
             limit=20000,
@@ -196,6 +196,11 @@ class Delivery:
                     "last_error": str(exc),
                     "next_attempt_at": utcnow() + dt.timedelta(seconds=delay),
                 },
+            )
+            # the object's later entries wait behind this one (and out of the due scan)
+            await self.outbox.update_many(
+                {"obj_id": entry["obj_id"], "state": PENDING},
+                {"$max": {"next_attempt_at": utcnow() + dt.timedelta(seconds=delay)}},
             )
             self.report.deferred += 1
             log.warning("SkyPortal: %s deferred (attempt %d): %s", entry["_id"], attempts, exc)

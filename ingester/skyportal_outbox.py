@@ -42,7 +42,9 @@ def utcnow() -> dt.datetime:
 
 async def ensure_indexes(db: AsyncDatabase[Doc], cfg: Config) -> None:
     outbox = db[outbox_name(cfg)]
-    await outbox.create_index([("state", ASCENDING), ("obj_id", ASCENDING)], name="state_obj")
+    await outbox.create_index(
+        [("state", ASCENDING), ("next_attempt_at", ASCENDING)], name="state_due"
+    )
     await outbox.create_index(
         [("obj_id", ASCENDING), ("state", ASCENDING), ("seq", ASCENDING)], name="obj_state_seq"
     )
@@ -66,10 +68,12 @@ async def status(db: AsyncDatabase[Doc], cfg: Config) -> Doc:
     """Pending/failed/done counts per kind and the oldest pending entry."""
     outbox = db[outbox_name(cfg)]
     counts: dict[str, dict[str, int]] = {}
-    docs = await outbox.find({}, {"_id": 0, "kind": 1, "state": 1}).to_list()
-    for doc in docs:
-        per_kind = counts.setdefault(str(doc.get("kind")), {PENDING: 0, FAILED: 0, DONE: 0})
-        per_kind[str(doc.get("state"))] = per_kind.get(str(doc.get("state")), 0) + 1
+    groups = await outbox.aggregate(
+        [{"$group": {"_id": {"kind": "$kind", "state": "$state"}, "n": {"$sum": 1}}}]
+    )
+    for doc in await groups.to_list():
+        kind, state = str(doc["_id"].get("kind")), str(doc["_id"].get("state"))
+        counts.setdefault(kind, {PENDING: 0, FAILED: 0, DONE: 0})[state] = int(doc["n"])
     oldest = await outbox.find_one(
         {"state": PENDING},
         {"body": 0},
