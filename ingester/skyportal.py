@@ -39,6 +39,7 @@ from ingester.skyportal_client import Deferred, Rejected, SkyPortalClient, base_
 from ingester.skyportal_outbox import (
     PENDING,
     insert_entries,
+    insert_new,
     objects_name,
     utcnow,
 )
@@ -194,7 +195,7 @@ class FeedFactory:
 class ObjectState:
     """What the feed already decided for one object (`skyportal_objects`)."""
 
-    known: bool
+    first_candid: int  # the alert whose filter pass made the object a candidate
     last_jd: dict[str, float]
     seq: int
 
@@ -216,19 +217,27 @@ class FeedStage:
         for alert in sorted(alerts, key=lambda a: (a["candidate"]["jd"], a["candid"])):
             by_object[str(alert[survey.object_key])].append(alert)
         states = await self._states(survey, list(by_object))
-        wanted = [
-            obj
+        fresh = {
+            obj: next(a["candid"] for a in items if passed.get(a["candid"]))
             for obj, items in by_object.items()
-            if obj in states or any(passed.get(a["candid"]) for a in items)
-        ]
+            if obj not in states and any(passed.get(a["candid"]) for a in items)
+        }
+        if fresh:
+            states.update(await self._claim(survey, fresh))
+        wanted = [obj for obj in by_object if obj in states]
         if not wanted:
             return
-        history = await self._history(survey, wanted, [o for o in wanted if o not in states])
+        new_objects = [
+            obj
+            for obj in wanted
+            if states[obj].first_candid in {a["candid"] for a in by_object[obj]}
+        ]
+        history = await self._history(survey, wanted, new_objects)
         now = utcnow()
         entries: list[Doc] = []
         updates = []
         for obj in wanted:
-            state = states.get(obj) or ObjectState(False, {}, 0)
+            state = states[obj]
             before = dict(state.last_jd)
             decided = self._decide_object(
                 survey, obj, by_object[obj], passed, history[obj], state, now
@@ -245,14 +254,7 @@ class FeedStage:
                             "seq": state.seq,
                             **{f"last_jd.{k}": v for k, v in changed.items()},
                         },
-                        "$setOnInsert": {
-                            "survey": survey.name,
-                            "obj_id": obj,
-                            "first_candid": decided[0]["candid"],
-                            "created_at": now,
-                        },
                     },
-                    upsert=True,
                 )
             )
         # the posts first, then what they claim was sent: a crash in between re-decides the
@@ -265,9 +267,30 @@ class FeedStage:
         ids = [f"{survey.name}:{o}" for o in objects]
         docs = await self.db[objects_name(self.cfg)].find({"_id": {"$in": ids}}).to_list()
         return {
-            str(d["obj_id"]): ObjectState(True, dict(d.get("last_jd", {})), int(d.get("seq", 0)))
+            str(d["obj_id"]): ObjectState(
+                int(d["first_candid"]), dict(d.get("last_jd", {})), int(d.get("seq", 0))
+            )
             for d in docs
         }
+
+    async def _claim(self, survey: Survey, fresh: dict[str, int]) -> dict[str, ObjectState]:
+        """Make objects candidates, each by its first passing alert; where another worker (or
+        an earlier run of this batch) got there first, its claim stands."""
+        now = utcnow()
+        docs = [
+            {
+                "_id": f"{survey.name}:{obj}",
+                "survey": survey.name,
+                "obj_id": obj,
+                "first_candid": candid,
+                "last_jd": {},
+                "seq": 0,
+                "created_at": now,
+            }
+            for obj, candid in fresh.items()
+        ]
+        await insert_new(self.db[objects_name(self.cfg)], docs)
+        return await self._states(survey, list(fresh))
 
     async def _history(
         self, survey: Survey, objects: list[str], new_objects: list[str]
@@ -317,27 +340,30 @@ class FeedStage:
         setup = self.setup.surveys[survey.name]
         streams = split_by_stream(points, setup.streams)
         out: list[Doc] = []
-        for alert in alerts:
-            filters = passed.get(alert["candid"], [])
-            if not state.known and not filters:
+        candids = [a["candid"] for a in alerts]
+        # alerts before the one that made the object a candidate wait for it; that one is "new"
+        start = candids.index(state.first_candid) if state.first_candid in candids else -1
+        for index, alert in enumerate(alerts):
+            if index < start:
                 continue
+            new = index == start
+            filters = passed.get(alert["candid"], [])
             posts: list[tuple[str, str, Doc, Doc]] = []  # kind, key, body, extra fields
             if filters:
                 posts.append(("candidate", "-", candidate_body(alert, obj, filters, now), {}))
-                posts.extend(annotation_posts(obj, filters, new=not state.known))
+                posts.extend(annotation_posts(obj, filters, new=new))
             for key, items in streams.items():
                 fresh = [p for p in items if p["jd"] > state.last_jd.get(key, float("-inf"))]
                 if fresh:
                     body = photometry_body(obj, setup.instrument_id, key, fresh)
                     posts.append(("photometry", key, body, {}))
                     state.last_jd[key] = fresh[-1]["jd"]
-            if filters and not state.known:
+            if filters and new:
                 posts.extend(
                     ("thumbnail", ttype, body, {}) for ttype, body in thumbnails(survey, alert, obj)
                 )
-            posts.extend(autosave_posts(obj, filters, new=not state.known))
+            posts.extend(autosave_posts(obj, filters, new=new))
             posts.extend(followup_posts(obj, filters, now))
-            state.known = True
             for kind, key, body, extra in posts:
                 state.seq += 1
                 out.append(

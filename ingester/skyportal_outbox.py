@@ -6,8 +6,9 @@
   state      pending -> done | failed
   attempts, last_error, next_attempt_at, lease_until (a delivery in progress), created_at,
   done_at, result (what delivery learned, e.g. groups not saved to).
-`skyportal_objects`: per object (_id "<survey>:<obj_id>"): `last_jd` per stream and origin (what
-SkyPortal was sent), `seq` (last sequence number used), `first_candid`.
+`skyportal_objects`: per object (_id "<survey>:<obj_id>"): `first_candid` (the alert that made it
+a candidate: inserted once, so two workers never both post an object as new), `last_jd` per stream
+and origin (what SkyPortal was sent), `seq` (last sequence number used).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pymongo import ASCENDING
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
@@ -52,10 +54,15 @@ async def ensure_indexes(db: AsyncDatabase[Doc], cfg: Config) -> None:
 
 async def insert_entries(db: AsyncDatabase[Doc], cfg: Config, entries: Sequence[Doc]) -> int:
     """One bulk write; entries decided before (same _id) are kept as they are."""
+    return await insert_new(db[outbox_name(cfg)], entries)
+
+
+async def insert_new(coll: AsyncCollection[Doc], entries: Sequence[Doc]) -> int:
+    """Insert what is not there yet (by _id); any error but a duplicate key raises."""
     if not entries:
         return 0
     try:
-        result = await db[outbox_name(cfg)].insert_many(list(entries), ordered=False)
+        result = await coll.insert_many(list(entries), ordered=False)
         return len(result.inserted_ids)
     except BulkWriteError as exc:
         errors = exc.details.get("writeErrors", [])

@@ -278,6 +278,34 @@ def test_new_candidate_exact_sequence_and_bodies(
     assert skyportal.state.comments[obj] == [{"text": "saved by the feed", "group_ids": [10]}]
     assert db.skyportal_outbox.count_documents({"state": "done"}) == 9
 
+    # the same batch handed off again (a crash before it counted as done): nothing new is queued
+    alert = db.ZTF_alerts.find_one({"candid": packet["candid"]})
+    passed = {
+        packet["candid"]: [
+            {
+                "filter_id": f,
+                "group_id": g,
+                "data": {"annotations": {"drb": cand["drb"]}},
+                "autosave": True,
+            }
+            for f, g in ((1, 10), (2, 20))
+        ]
+    }
+    assert asyncio.run(hand_off_again(cfg, setup, alert, passed)) == 9
+
+
+async def hand_off_again(cfg: Config, setup: FeedSetup, alert: Doc, passed: Doc) -> int:
+    from kowalski.db import async_client
+    from kowalski.surveys import SURVEYS
+
+    client = async_client(cfg)
+    try:
+        db = client[cfg.database.db]
+        await FeedFactory(cfg, setup)(db)(SURVEYS["ZTF"], [alert], passed)
+        return await db.skyportal_outbox.count_documents({})
+    finally:
+        await client.close()
+
 
 def test_known_object_gets_only_new_points_and_updates(
     test_environ: dict[str, str],
