@@ -521,7 +521,8 @@ def test_skyportal_down_through_replay_and_restart_then_back(
     expected_objects = {a["objectId"] for a in passing}
     report = asyncio.run(status_of(cfg))
     assert report["counts"]["candidate"]["pending"] == len(passing)
-    assert report["oldest_pending"]["attempts"] >= 1
+    assert report["oldest_pending"] is not None
+    assert db.skyportal_outbox.count_documents({"state": "pending", "attempts": {"$gt": 0}}) > 0
     assert "oldest pending:" in format_status(report)
     cli = subprocess.run(
         [sys.executable, str(ROOT / "kowalski.py"), "feed", "status"],
