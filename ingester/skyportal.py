@@ -547,7 +547,7 @@ def followup_posts(
 def thumbnails(survey: Survey, alert: Doc, obj: str) -> list[tuple[str, Doc]]:
     """(ttype, `POST /api/thumbnail` body) for the science/template/difference cutouts, as PNG
     (bone colormap, 1-100 percentile limits, log stretch, linear for the difference)."""
-    from api.cutouts import read_image, render_png, stamp_bytes
+    from kowalski.cutouts import read_image, render_png, stamp_bytes
 
     out = []
     for ttype, cutout in THUMBNAILS:
