@@ -284,6 +284,14 @@ def cmd_seed(args: argparse.Namespace) -> None:
     sys.exit(seed(Path(args.source), drop=args.drop))
 
 
+def cmd_feed(args: argparse.Namespace) -> None:
+    reexec_in_venv()
+    check_config()
+    from ingester.skyportal import main as feed_main
+
+    sys.exit(feed_main([args.feed_command]))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     reexec_in_venv()
     ensure_embedded_server()
@@ -352,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable)",
     )
     seed.set_defaults(func=cmd_seed)
+
+    feed = sub.add_parser("feed", help="the SkyPortal broker feed: outbox status")
+    feed.add_argument(
+        "feed_command", choices=["status"], help="status: pending/failed posts per kind"
+    )
+    feed.set_defaults(func=cmd_feed)
 
     bench = sub.add_parser("bench", help="run the benchmarks (bench/)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench")
