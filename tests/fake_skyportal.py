@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kowalski.services._process import free_port
+from kowalski.testing.process import free_port
 
 Doc = dict[str, Any]
 TOKEN = "test-token"
