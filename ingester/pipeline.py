@@ -20,9 +20,11 @@ from typing import Any
 from bson import Binary
 from pymongo.asynchronous.database import AsyncDatabase
 
-from ingester import archive, filters, ml, xmatch
-from ingester.decode import decode_packet
-from ingester.mongify import Parts, split_alert
+from ingester import aliases, archive, filters, ml, xmatch
+from ingester.decode import decode_for
+from ingester.mongify import Parts
+from ingester.registry_client import registry_for_survey
+from ingester.shapes import detection_id, split
 from kowalski.config import Config
 from kowalski.surveys import Survey
 
@@ -110,23 +112,26 @@ class Pipeline:
         alerts_coll = self.db[survey.alerts_collection(cfg)]
 
         with report.timed("decode"):
+            schemas = registry_for_survey(cfg, survey)
             decoded: list[tuple[Packet, Doc]] = []
             for packet in packets:
                 try:
-                    decoded.extend((packet, record) for record in decode_packet(packet.value))
+                    records = decode_for(survey, packet.value, schemas)
+                    decoded.extend((packet, record) for record in records)
                 except Exception as exc:
                     await self.dead_letter(packet, f"decode: {exc}")
                     report.dead_letters += 1
         report.alerts = len(decoded)
 
         with report.timed("dedup"):
-            seen = await archive.existing_candids(alerts_coll, [r["candid"] for _, r in decoded])
+            ids = [detection_id(survey, r) for _, r in decoded]
+            seen = await archive.existing_candids(alerts_coll, ids)
             fresh: dict[int, tuple[Packet, Doc]] = {}
-            for packet, record in decoded:
-                if record["candid"] in seen or record["candid"] in fresh:
+            for candid, (packet, record) in zip(ids, decoded, strict=True):
+                if candid in seen or candid in fresh:
                     report.duplicates += 1
                 else:
-                    fresh[record["candid"]] = (packet, record)
+                    fresh[candid] = (packet, record)
         if not fresh:
             return report
         records = [r for _, r in fresh.values()]
@@ -138,7 +143,7 @@ class Pipeline:
             parts: list[Parts] = []
             for (packet, record), classifications in zip(fresh.values(), scores, strict=True):
                 try:
-                    part = split_alert(survey, record)
+                    part = split(survey, record)
                 except Exception as exc:
                     await self.dead_letter(
                         packet,
@@ -167,6 +172,9 @@ class Pipeline:
 
         with report.timed("store"):
             report.stored = await archive.insert_alerts(alerts_coll, [p.alert for p in parts])
+
+        with report.timed("aliases"):
+            await aliases.link(self.db, cfg, survey, [p.alert for p in parts])
 
         with report.timed("filters"):
             templates = await self.templates(survey.alerts_collection(cfg))
