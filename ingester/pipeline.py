@@ -113,21 +113,22 @@ class Pipeline:
 
         with report.timed("decode"):
             schemas = registry_for_survey(cfg, survey)
-            decoded: list[tuple[Packet, Doc]] = []
+            decoded: list[tuple[Packet, Doc, int]] = []
             for packet in packets:
                 try:
                     records = decode_for(survey, packet.value, schemas)
-                    decoded.extend((packet, record) for record in records)
+                    # a record of another shape (e.g. a foreign packet on the topic) fails here
+                    ids = [detection_id(survey, record) for record in records]
+                    decoded.extend(zip([packet] * len(records), records, ids, strict=True))
                 except Exception as exc:
-                    await self.dead_letter(packet, f"decode: {exc}")
+                    await self.dead_letter(packet, f"decode: {type(exc).__name__}: {exc}")
                     report.dead_letters += 1
         report.alerts = len(decoded)
 
         with report.timed("dedup"):
-            ids = [detection_id(survey, r) for _, r in decoded]
-            seen = await archive.existing_candids(alerts_coll, ids)
+            seen = await archive.existing_candids(alerts_coll, [i for _, _, i in decoded])
             fresh: dict[int, tuple[Packet, Doc]] = {}
-            for candid, (packet, record) in zip(ids, decoded, strict=True):
+            for packet, record, candid in decoded:
                 if candid in seen or candid in fresh:
                     report.duplicates += 1
                 else:

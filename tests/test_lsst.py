@@ -453,15 +453,17 @@ def test_unknown_schema_id_and_truncated_packet_are_dead_lettered(
     good = WITH_CUTOUTS.read_bytes()
     unknown = b"\x00" + (999).to_bytes(4, "big") + good[5:]
     truncated = good[:5000]
+    ztf = ZTF_PACKET.read_bytes()  # a ZTF container on the LSST topic
     produce(
         kafka_bootstrap,
-        [(f"lsst-alerts-v7_{tag}", v) for v in (unknown, truncated, b"\x00\x00", good)],
+        [(f"lsst-alerts-v7_{tag}", v) for v in (unknown, truncated, b"\x00\x00", ztf, good)],
     )
     ingest(cfg, dask_client, kafka_bootstrap, tag)
     db = db_of(mongo_uri, cfg)
     assert db.LSST_alerts.count_documents({}) == 1
     dead = {bytes(d["packet"]): d["error"] for d in db.dead_letters.find()}
-    assert set(dead) == {unknown, truncated, b"\x00\x00"}
+    assert set(dead) == {unknown, truncated, b"\x00\x00", ztf}
+    assert "Rubin version" in dead[ztf]
     assert "unknown schema id 999" in dead[unknown]
     assert "truncated" in dead[truncated] and "701" in dead[truncated]
     assert "Confluent" in dead[b"\x00\x00"]
