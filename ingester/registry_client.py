@@ -71,7 +71,6 @@ class SchemaRegistry:
     url: str | None
     folder: Path
     timeout_s: float = 5.0
-    requests: int = 0  # registry requests made (for logs and tests)
     _parsed: dict[int, Any] = field(default_factory=dict)
     _unknown: dict[int, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -106,7 +105,6 @@ class SchemaRegistry:
 
     def _get(self, path: str) -> dict[str, Any]:
         assert self.url is not None
-        self.requests += 1
         request = urllib.request.Request(
             f"{self.url.rstrip('/')}{path}",
             headers={"Accept": "application/vnd.schemaregistry.v1+json, application/json"},
