@@ -628,3 +628,19 @@ def test_api_cutouts_and_classifications_on_lsst(api: str, ingested: Ingested) -
         "human_labels": {"sn": 1.0},
         "ml_scores": {},
     }
+
+
+def test_solar_system_source_without_dia_object_is_keyed_by_ss_object_id() -> None:
+    """Rubin's example alert (11.1) turned into a solar-system detection (test copy: diaObject
+    removed, diaSource.ssObjectId set): its objectId is the ssObjectId."""
+    data = (LSST_ALERTS / "fake_alert_packet.lsst.v11_1.confluent.avro").read_bytes()
+    record = fastavro.schemaless_reader(io.BytesIO(data[5:]), rubin_schema(1101), None)
+    record = {
+        **record,
+        "diaObject": None,
+        "diaSource": {**record["diaSource"], "diaObjectId": None, "ssObjectId": 7777},
+        "schemavsn": "11.1",
+    }
+    parts = split_lsst(LSST, record)
+    assert parts.alert["objectId"] == 7777 and "diaObject" not in parts.latest
+    assert LSST.topic(parts.alert) == "lsst-alerts-v11"
