@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import threading
 import uuid
 from collections import Counter
@@ -475,9 +476,10 @@ def test_unknown_schema_id_and_truncated_packet_are_dead_lettered(
 
 def lsst_at(path: Path, ra: float, dec: float) -> bytes:
     """A real LSST alert moved onto (ra, dec): a test copy; only diaSource.ra/dec change."""
+    schema_id = int.from_bytes(path.read_bytes()[1:5], "big")
     record = raw_records(path)[0]
     record["diaSource"] = {**record["diaSource"], "ra": ra, "dec": dec}
-    return frame_confluent(701, record, rubin_schema(701))
+    return frame_confluent(schema_id, record, rubin_schema(schema_id))
 
 
 @pytest.mark.parametrize("lsst_first", [False, True])
@@ -489,7 +491,8 @@ def test_alias_created_in_either_order(
     lsst_first: bool,
 ) -> None:
     """A real ZTF alert, and the real LSST v7.1 alert 25409136044802067 moved (test copy) to 0.5"
-    from the ZTF position; Rubin's v7.3 alert moved 3" away (outside 1.5") stays unlinked."""
+    from the ZTF position; Rubin's v7.3 alert moved 3" away (outside 1.5") stays unlinked. The
+    same with the real DECam alert and the LSST v9.0 alert moved (test copy) 1" from it."""
     tag = uuid.uuid4().hex[:8]
     cfg = stream_config(test_environ, kafka_bootstrap, tag, None)
     ztf = ZTF_PACKET.read_bytes()
@@ -498,13 +501,27 @@ def test_alias_created_in_either_order(
     far = lsst_at(
         LSST_ALERTS / "3527242430321524769.v7_3.confluent.avro", cand["ra"], cand["dec"] + 3 / 3600
     )
-    ztf_messages = [(f"ztf_20200202_programid{cand['programid']}_{tag}", ztf)]
-    lsst_messages_ = [(f"lsst-alerts-v7_{tag}", near), (f"lsst-alerts-v7_{tag}", far)]
-    for batch in [lsst_messages_, ztf_messages] if lsst_first else [ztf_messages, lsst_messages_]:
+    decam = (DATA / "decam_alerts" / "decam_desirt_v0_1_0.avro").read_bytes()
+    decam_cand = decode_packet(decam)[0]["candidate"]
+    near_decam = lsst_at(
+        LSST_ALERTS / "7912941781254298.v9_0.confluent.avro",
+        decam_cand["ra"] + 1 / 3600 / math.cos(math.radians(decam_cand["dec"])),
+        decam_cand["dec"],
+    )
+    others = [
+        (f"ztf_20200202_programid{cand['programid']}_{tag}", ztf),
+        (topic_for(decam, SURVEYS["DECAM"], f"_{tag}"), decam),
+    ]
+    lsst = [
+        (f"lsst-alerts-v7_{tag}", near),
+        (f"lsst-alerts-v7_{tag}", far),
+        (f"lsst-alerts-v9_{tag}", near_decam),
+    ]
+    for batch in [lsst, others] if lsst_first else [others, lsst]:
         produce(kafka_bootstrap, batch)
         ingest(cfg, dask_client, kafka_bootstrap, tag)
     db = db_of(mongo_uri, cfg)
-    assert db.LSST_alerts.count_documents({}) == 2 and db.ZTF_alerts.count_documents({}) == 1
+    assert db.LSST_alerts.count_documents({}) == 3 and db.ZTF_alerts.count_documents({}) == 1
     assert db.LSST_alerts_aux.find_one({"_id": 25401295582003262})["aliases"] == {
         "ZTF": ["ZTF20aajcbhr"]
     }
@@ -512,6 +529,13 @@ def test_alias_created_in_either_order(
         "LSST": [25401295582003262]
     }
     assert "aliases" not in db.LSST_alerts_aux.find_one({"_id": 3527242430321524769})
+    decam_id = decode_packet(decam)[0]["objectId"]
+    assert db.LSST_alerts_aux.find_one({"_id": 7912941781254298})["aliases"] == {
+        "DECAM": [decam_id]
+    }
+    assert db.DECAM_alerts_aux.find_one({"_id": decam_id})["aliases"] == {
+        "LSST": [7912941781254298]
+    }
 
 
 # ------------------------------------------------------------------ API through penquins
