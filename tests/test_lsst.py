@@ -296,8 +296,9 @@ def test_exact_counts_per_collection(ingested: Ingested) -> None:
         "DECAM_alerts_aux": 1,
         "dead_letters": 0,
     }
-    report = ingested.ingester.report
-    assert ingested.ingester.committed == 16 and report.duplicates == 1 and report.stored == 15
+    # the two copies of the example alert may be in flight in concurrent batches (two topics):
+    # the unique candid index keeps one; the report's duplicate count is not asserted for that
+    assert ingested.ingester.committed == 16
     # which of the two copies of the example alert is kept depends on topic interleaving
     assert (
         {"7.1", "7.3", "9.0"}
@@ -312,9 +313,13 @@ def test_exact_counts_per_collection(ingested: Ingested) -> None:
 
 
 def test_registry_asked_once_per_id(ingested: Ingested, registry: Registry) -> None:
-    ids = {path: n for path, n in registry.requests.items() if path.startswith("/schemas/ids/")}
-    assert set(ids) == {f"/schemas/ids/{i}" for i in (701, 703, 900, 1101)}
-    assert set(ids.values()) == {1}
+    # (other tests of this module may have asked for other ids, e.g. the unknown 999)
+    assert {i: registry.requests[f"/schemas/ids/{i}"] for i in (701, 703, 900, 1101)} == {
+        701: 1,
+        703: 1,
+        900: 1,
+        1101: 1,
+    }
     # the split schemas' referenced subjects were fetched once each too
     subjects = {p: n for p, n in registry.requests.items() if p.startswith("/subjects/")}
     assert subjects and set(subjects.values()) == {1}
