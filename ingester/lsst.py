@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from ingester.mongify import MAG_CONST, Parts, clean
-from kowalski.coords import coordinates_block
+from kowalski.coords import coordinates_block, coordinates_problem
 from kowalski.surveys import Survey
 
 MJD_TO_JD = 2400000.5
@@ -78,6 +78,22 @@ def object_id(record: Doc) -> int:
 
 def lsst_detection_id(record: Doc) -> int:
     return int(record["diaSource"]["diaSourceId"])
+
+
+def check_lsst_record(record: Doc) -> str | None:
+    """Why a decoded Rubin alert cannot be archived, or None (cutouts are optional: Rubin may
+    send none)."""
+    source = record.get("diaSource") or {}
+    if not isinstance(source.get("diaSourceId"), int):
+        return "check: no integer diaSource.diaSourceId"
+    if not isinstance(source.get("midpointMjdTai"), int | float):
+        return "check: no diaSource.midpointMjdTai"
+    try:
+        object_id(record)
+    except ValueError as exc:
+        return f"check: {exc}"
+    problem = coordinates_problem(source.get("ra"), source.get("dec"))
+    return f"check: {problem}" if problem else None
 
 
 def split_lsst(survey: Survey, record: Doc) -> Parts:

@@ -50,6 +50,12 @@ class Survey:
     schema_folder: str = ""  # bundled writer schemas (confluent framing) under data/
     # the fields identifying one point of an object's history (merged without duplicates by them)
     history_key: tuple[str, ...] = ("jd", "fid", "candid")
+    # first part of the writer schemas' full names (lsst.v7_1.alert); default: the topic prefix
+    schema_name: str = ""
+
+    @property
+    def schema_family(self) -> str:
+        return self.schema_name or self.topic_prefix
 
     @property
     def alerts_key(self) -> str:
@@ -152,6 +158,7 @@ SURVEYS: dict[str, Survey] = {
             shape="lsst",
             schema_folder="schemas/lsst",
             history_key=("diaSourceId",),
+            schema_name="lsst",
         ),
         Survey(
             "DECAM",
@@ -161,6 +168,7 @@ SURVEYS: dict[str, Survey] = {
             fp_hists=True,
             data_folder="decam_alerts",
             shape="decam",
+            schema_name="desirt",
         ),
     )
 }
