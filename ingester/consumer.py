@@ -51,6 +51,18 @@ RETRIED_COMMIT_ERRORS = frozenset(
 _RUNTIMES: dict[tuple[str, str], WorkerRuntime] = {}
 
 
+def _finish_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Close a loop as `asyncio.run` does: let the tasks still pending on it (the database client's
+    background tasks) finish their cancellation first, so none is destroyed while pending."""
+    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
+
+
 class WorkerRuntime:
     """Per dask worker: loaded ML models, and per thread an event loop + database client."""
 
@@ -79,7 +91,7 @@ class WorkerRuntime:
             try:
                 if not loop.is_running() and not loop.is_closed():
                     loop.run_until_complete(client.close())
-                    loop.close()
+                    _finish_loop(loop)
             except RuntimeError as exc:  # loop owned by a thread that is gone
                 log.debug("closing a worker database client: %s", exc)
         self._states.clear()

@@ -7,12 +7,14 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from kowalski.catalogs.ingest import CHECKPOINTS, Report
 from kowalski.catalogs.readers import ReadError
 from kowalski.catalogs.surveys import ingester_for
-from kowalski.config import load_config
+from kowalski.config import Config, load_config
+from kowalski.connectivity import one_line_errors, require_database
 from kowalski.db import mongo_uri, sync_client
 
 ARCHIVES = (".dump", ".archive", ".dump.gz", ".archive.gz")
@@ -32,10 +34,17 @@ def restore(uri: str, db_name: str, archive: Path, drop: bool) -> str:
 
 
 def seed(source: Path, drop: bool = False) -> int:
+    """Load every catalog under `source`; a database that cannot be used is one line, exit 1."""
     cfg = load_config()
     if not source.is_dir():
-        print(f"error: {source} is not a directory")
+        print(f"error: {source} is not a directory", file=sys.stderr)
         return 1
+    with one_line_errors(cfg):
+        require_database(cfg)
+        return _seed(cfg, source, drop)
+
+
+def _seed(cfg: Config, source: Path, drop: bool) -> int:
     files = sorted(p for p in source.rglob("*") if p.is_file())
     reports: list[Report] = []
     notes: list[str] = []
