@@ -11,6 +11,7 @@ from pymongo import UpdateOne
 
 from api.auth import admin_required, current_user, read_body
 from api.responses import BadRequest, NotFound, path_int, success
+from api.state import CONFIG, DB
 from kowalski.config import Config
 from kowalski.surveys import UnknownSurvey, survey_for_key
 
@@ -18,7 +19,7 @@ KINDS = ("human_labels", "ml_scores")
 
 
 def _collections(request: web.Request) -> tuple[Any, Any, str]:
-    cfg: Config = request.app["config"]
+    cfg: Config = request.app[CONFIG]
     key = request.match_info["survey"]
     try:
         survey = survey_for_key(key)
@@ -28,7 +29,7 @@ def _collections(request: web.Request) -> tuple[Any, Any, str]:
     alerts, labels = names.get(survey.alerts_key), names.get(f"{survey.alerts_key}_classifications")
     if not alerts or not labels:
         raise BadRequest(f"classifications are not configured for survey {survey.key!r}")
-    db = request.app["db"]
+    db = request.app[DB]
     return db[alerts], db[labels], survey.object_key
 
 

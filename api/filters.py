@@ -14,6 +14,7 @@ from pymongo.errors import PyMongoError
 from api.auth import admin_required, read_body
 from api.responses import BadRequest, path_int, success
 from api.safety import check_filter_pipeline
+from api.state import CONFIG, DB
 from kowalski.config import Config
 from kowalski.filtering import (
     FilterError,
@@ -78,8 +79,8 @@ def user_pipeline(value: Any, field: str = "pipeline") -> list[dict[str, Any]]:
 
 
 def _filters(request: web.Request) -> Any:
-    cfg: Config = request.app["config"]
-    return request.app["db"][cfg.database.collections["filters"]]
+    cfg: Config = request.app[CONFIG]
+    return request.app[DB][cfg.database.collections["filters"]]
 
 
 async def test_run(
@@ -90,8 +91,8 @@ async def test_run(
     allow_empty: bool,
 ) -> str:
     """Run the full pipeline on the most recent alert of `catalog`: catches bad stages at save time."""
-    cfg: Config = request.app["config"]
-    coll = request.app["db"][catalog]
+    cfg: Config = request.app[CONFIG]
+    coll = request.app[DB][catalog]
     latest = await coll.find({}, {"candid": 1}).sort("_id", -1).limit(1).to_list()
     if not latest:
         if allow_empty:
@@ -171,7 +172,7 @@ async def check_options(
 @admin_required
 async def filters_post(request: web.Request) -> web.Response:
     """POST /api/filters: create a filter, or add a new version to an existing one."""
-    cfg: Config = request.app["config"]
+    cfg: Config = request.app[CONFIG]
     body = await read_body(request)
     group_id, filter_id = positive_int(body, "group_id"), positive_int(body, "filter_id")
     catalog = body.get("catalog")
@@ -313,7 +314,7 @@ def _jd(value: Any, field: str) -> float:
 @admin_required
 async def filters_test(request: web.Request) -> web.Response:
     """POST /api/filters/{filter_id}/test: run a filter version over archived alerts."""
-    cfg: Config = request.app["config"]
+    cfg: Config = request.app[CONFIG]
     doc = await _get(request, path_int(request, "filter_id"))
     body = await read_body(request)
     fid = body.get("filter_version")
@@ -351,7 +352,7 @@ async def filters_test(request: web.Request) -> web.Response:
         object_ids,
         jd_range,
     )
-    cursor = await request.app["db"][doc["catalog"]].aggregate(
+    cursor = await request.app[DB][doc["catalog"]].aggregate(
         pipeline, allowDiskUse=False, maxTimeMS=max_time_ms
     )
     return success("filter test successful", await cursor.to_list())

@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from api.state import CONFIG
 from kowalski.config import Config
 
 QUERY_TYPES = [
@@ -270,11 +271,9 @@ DOCS_PAGE = """<!DOCTYPE html>
 
 
 async def spec_json(request: web.Request) -> web.Response:
-    return web.Response(
-        text=json.dumps(spec(request.app["config"])), content_type="application/json"
-    )
+    return web.Response(text=json.dumps(spec(request.app[CONFIG])), content_type="application/json")
 
 
 async def docs_page(request: web.Request) -> web.Response:
-    cfg: Config = request.app["config"]
+    cfg: Config = request.app[CONFIG]
     return web.Response(text=DOCS_PAGE.format(title=cfg.server.name), content_type="text/html")

@@ -20,6 +20,7 @@ from aiohttp import web
 from api.auth import User, current_user
 from api.responses import BadRequest, Forbidden
 from api.safety import referenced_collections
+from api.state import CONFIG
 from kowalski.config import Config
 from kowalski.db import system_collection_names
 from kowalski.surveys import Survey, survey_for_collection
@@ -150,6 +151,6 @@ def data_rights(request: web.Request) -> DataRights:
     """The request's data rights (401 when nobody is logged in)."""
     rights: DataRights | None = request.get(RIGHTS_KEY)
     if rights is None:
-        rights = DataRights(current_user(request), request.app["config"])
+        rights = DataRights(current_user(request), request.app[CONFIG])
         request[RIGHTS_KEY] = rights
     return rights

@@ -28,6 +28,7 @@ from api.auth import read_body
 from api.policy import DataRights, data_rights
 from api.responses import BadRequest, Forbidden, NotFound, TooManyRequests, stream_list, success
 from api.safety import check_safe, parse_json_arg
+from api.state import CONFIG, DB
 from kowalski import cones
 from kowalski.config import Config
 from kowalski.coords import RADIUS_TO_RAD, cone_clause, parse_dec, parse_ra
@@ -690,9 +691,9 @@ async def queries_post(request: web.Request) -> web.StreamResponse:
         raise BadRequest("query must be an object")
     if not isinstance(kwargs, dict):
         raise BadRequest("kwargs must be an object")
-    cfg: Config = request.app["config"]
+    cfg: Config = request.app[CONFIG]
     rights = data_rights(request)
-    ctx = QueryContext(request, cfg, request.app["db"], rights, parse_options(kwargs, cfg))
+    ctx = QueryContext(request, cfg, request.app[DB], rights, parse_options(kwargs, cfg))
     wait_s = ctx.max_time_ms / 1000 + DEADLINE_GRACE_S
     async with request.app[QUERY_SLOTS].slot(rights.user.username, wait_s):
         return await QUERY_TYPES[query_type](ctx, query)

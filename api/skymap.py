@@ -24,6 +24,7 @@ from pymongo.errors import DocumentTooLarge, DuplicateKeyError, WriteError
 
 from api.auth import admin_required, read_body
 from api.responses import BadRequest, json_response, success
+from api.state import CONFIG, DB
 from kowalski.config import Config
 from kowalski.coords import parse_dec, parse_ra
 from kowalski.skymaps import (
@@ -250,8 +251,8 @@ async def read_voevent(xml: Any) -> VOEventInfo:
 
 
 def _skymaps(request: web.Request) -> Any:
-    cfg: Config = request.app["config"]
-    return request.app["db"][cfg.database.collections["skymaps"]]
+    cfg: Config = request.app[CONFIG]
+    return request.app[DB][cfg.database.collections["skymaps"]]
 
 
 def level_list(names: Any) -> list[int | float]:

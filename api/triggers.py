@@ -15,6 +15,7 @@ from aiohttp import web
 
 from api.auth import admin_required, read_body
 from api.responses import ApiError, BadRequest, Conflict, success
+from api.state import CONFIG
 from kowalski.config import Config
 
 TIMEOUT = aiohttp.ClientTimeout(total=10)
@@ -97,7 +98,7 @@ def _kind(request: web.Request) -> tuple[str, bool]:
 
 
 async def _upstream(request: web.Request, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-    cfg: Config = request.app["config"]
+    cfg: Config = request.app[CONFIG]
     if not cfg.ztf.mountain_ip or not cfg.ztf.mountain_port:
         raise ApiError(
             "ZTF trigger service not configured (ztf.mountain_ip, ztf.mountain_port)", 503

@@ -10,14 +10,15 @@ from typing import Any
 from aiohttp import web
 from pymongo.errors import DuplicateKeyError
 
-from api.auth import admin_required, hash_password, new_uid, read_body
+from api.auth import USER_CACHE, admin_required, hash_password, new_uid, read_body
 from api.responses import BadRequest, NotFound, success
+from api.state import CONFIG, DB
 from kowalski.config import Config
 
 
 def _users(request: web.Request) -> Any:
-    cfg: Config = request.app["config"]
-    return request.app["db"][cfg.database.collections["users"]]
+    cfg: Config = request.app[CONFIG]
+    return request.app[DB][cfg.database.collections["users"]]
 
 
 def validate_permissions(value: Any) -> dict[str, list[int]]:
@@ -79,7 +80,7 @@ async def users_get(request: web.Request) -> web.Response:
 @admin_required
 async def users_put(request: web.Request) -> web.Response:
     """PUT /api/users/{username}: rename, change password, permissions or admin flag."""
-    cfg: Config = request.app["config"]
+    cfg: Config = request.app[CONFIG]
     username = request.match_info["username"]
     body = await read_body(request)
     users = _users(request)
@@ -111,7 +112,7 @@ async def users_put(request: web.Request) -> web.Response:
         if revoke:
             changes["$inc"] = {"token_generation": 1}
         await users.update_one({"_id": username}, changes)
-    request.app["user_cache"].invalidate(username)
+    request.app[USER_CACHE].invalidate(username)
     return success(f"edited user {username}")
 
 
@@ -123,19 +124,19 @@ async def users_revoke(request: web.Request) -> web.Response:
     result = await _users(request).update_one({"_id": username}, {"$inc": {"token_generation": 1}})
     if result.matched_count == 0:
         raise NotFound(f"user {username} not found")
-    request.app["user_cache"].invalidate(username)
+    request.app[USER_CACHE].invalidate(username)
     return success(f"revoked all tokens of user {username}")
 
 
 @admin_required
 async def users_delete(request: web.Request) -> web.Response:
     """DELETE /api/users/{username}: remove a user (never the superuser)."""
-    cfg: Config = request.app["config"]
+    cfg: Config = request.app[CONFIG]
     username = request.match_info["username"]
     if username == cfg.server.admin_username:
         raise BadRequest("cannot remove the superuser!")
     result = await _users(request).delete_one({"_id": username})
     if result.deleted_count == 0:
         raise NotFound(f"user {username} not found")
-    request.app["user_cache"].invalidate(username)
+    request.app[USER_CACHE].invalidate(username)
     return success(f"removed user {username}")
