@@ -25,6 +25,7 @@ import jwt
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from api.models import AuthRequest, parse
 from api.responses import BadRequest, Forbidden, Unauthorized, json_response
 from api.safety import parse_json
 from api.state import CONFIG, DB
@@ -237,13 +238,8 @@ async def ensure_uid(request: web.Request, doc: dict[str, Any]) -> dict[str, Any
 async def auth_post(request: web.Request) -> web.Response:
     """POST /api/auth: exchange username/password for a token."""
     cfg: Config = request.app[CONFIG]
-    body = await read_body(request)
-    username, password = body.get("username"), body.get("password")
-    if not username or not isinstance(username, str):
-        raise BadRequest("missing username")
-    if not password or not isinstance(password, str):
-        raise BadRequest("missing password")
-    version = body.get("penquins.__version__")
+    body = parse(AuthRequest, await read_body(request))
+    username, password, version = body.username, body.password, body.penquins_version
     if version is not None and version not in cfg.misc.supported_penquins_versions:
         raise BadRequest(f"unsupported version of penquins: {version}")
     doc = await request.app[DB][cfg.database.collections["users"]].find_one({"_id": username})

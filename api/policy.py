@@ -18,7 +18,8 @@ from typing import Any
 from aiohttp import web
 
 from api.auth import User, current_user
-from api.responses import BadRequest, Forbidden
+from api.models import collection_name
+from api.responses import Forbidden
 from api.safety import referenced_collections
 from api.state import CONFIG
 from kowalski.config import Config
@@ -27,7 +28,6 @@ from kowalski.surveys import Survey, survey_for_collection
 
 RIGHTS_KEY = "rights"
 HISTORY_ARRAYS = ("prv_candidates", "fp_hists")
-MAX_COLLECTION_NAME = 255
 Stage = dict[str, Any]
 
 
@@ -67,15 +67,7 @@ class DataRights:
     # ------------------------------------------------------------------ validation
 
     def check_catalog(self, catalog: Any, field: str = "query.catalog") -> str:
-        if not isinstance(catalog, str) or not catalog:
-            raise BadRequest(f"{field} must be a collection name")
-        if (
-            len(catalog) > MAX_COLLECTION_NAME
-            or catalog.startswith((".", "system."))
-            or ".." in catalog
-            or any(c in catalog for c in "\x00$")
-        ):
-            raise BadRequest(f"{field}: invalid collection name {catalog!r}")
+        catalog = collection_name(catalog, field)
         if catalog in self.protected and not self.admin:
             raise Forbidden(f"Forbidden: {catalog} is a protected collection")
         return catalog
