@@ -949,16 +949,91 @@ class FilterPatch(Model):
         return value
 
 
+def julian_date(value: Any, field: str) -> float:
+    """A JD given as a number, or an ISO date (UTC unless it says otherwise)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise BadRequest(f"{field} must be a JD or an ISO date, got {value!r}") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.UTC)
+        return moment.timestamp() / 86400.0 + 2440587.5
+    raise BadRequest(f"{field} must be a JD or an ISO date")
+
+
+MAX_TEST_OBJECTS = 1000
+MAX_TEST_TIME_MS = 300_000
+# Messages clients match on, worded as upstream Kowalski words them.
+TEST_WINDOW_TOO_LONG = (
+    "start_date and end_date must be within 1 day of each other if object_ids is not provided"
+)
+TEST_MAX_TIME_TOO_LARGE = f"max_time_ms must be less than 5 minutes (in ms: {MAX_TEST_TIME_MS})"
+
+
 class FilterTest(Model):
-    """`POST /api/filters/{filter_id}/test` (admin): which alerts to run a version over."""
+    """`POST /api/filters/{filter_id}/test` (admin): which archived alerts to run a version over
+    (object_ids, or a window of at most a day, or both)."""
 
     filter_version: Annotated[Any, WithJsonSchema({"type": "string"})] = None
     object_ids: Annotated[
-        Any, WithJsonSchema({"type": "array", "items": {"type": "string"}, "maxItems": 1000})
+        list[str] | None,
+        WithJsonSchema(
+            {"type": "array", "items": {"type": "string"}, "maxItems": MAX_TEST_OBJECTS}
+        ),
     ] = None
     start_date: Annotated[Any, WithJsonSchema({"description": "JD or ISO date"})] = None
-    end_date: Annotated[Any, WithJsonSchema({"description": "JD or ISO date"})] = None
-    max_time_ms: Annotated[Any, WithJsonSchema({"type": "integer", "minimum": 1})] = 30000
+    end_date: Annotated[Any, WithJsonSchema({"description": "JD or ISO date"})] = Field(
+        default=None, validate_default=True
+    )
+    max_time_ms: Annotated[
+        int, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_TEST_TIME_MS})
+    ] = 30000
+
+    @field_validator("object_ids", mode="before")
+    @classmethod
+    def _object_ids(cls, value: Any) -> list[str] | None:
+        if value is not None and (
+            not isinstance(value, list) or not all(isinstance(o, str) for o in value)
+        ):
+            raise BadRequest("object_ids must be a list of strings")
+        if value and len(value) > MAX_TEST_OBJECTS:
+            raise BadRequest(f"at most {MAX_TEST_OBJECTS} object_ids")
+        return value
+
+    @field_validator("end_date", mode="before")
+    @classmethod
+    def _window(cls, end: Any, info: ValidationInfo) -> Any:
+        start = info.data.get("start_date")
+        if (start is None) != (end is None):
+            raise BadRequest("start_date and end_date come as a pair")
+        if start is None:
+            if not info.data.get("object_ids"):
+                raise BadRequest("give object_ids and/or start_date + end_date")
+            return None
+        first, last = julian_date(start, "start_date"), julian_date(end, "end_date")
+        if last <= first:
+            raise BadRequest("end_date must be after start_date")
+        if not info.data.get("object_ids") and last - first > 1.0:
+            raise BadRequest(TEST_WINDOW_TOO_LONG)
+        return end
+
+    @field_validator("max_time_ms", mode="before")
+    @classmethod
+    def _max_time_ms(cls, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BadRequest("max_time_ms must be a positive integer (milliseconds)")
+        if value > MAX_TEST_TIME_MS:
+            raise BadRequest(TEST_MAX_TIME_TOO_LARGE)
+        return value
+
+    @property
+    def jd_range(self) -> tuple[float, float] | None:
+        if self.start_date is None:
+            return None
+        return julian_date(self.start_date, "start_date"), julian_date(self.end_date, "end_date")
 
 
 class SkymapPut(Model):
@@ -1024,3 +1099,17 @@ class ClassificationsBody(Model):
             }
         }
     )
+
+
+TRIGGERS: tuple[type[Model], ...] = (TooTrigger, MmaTrigger)
+
+
+class SkymapDelete(Model):
+    """`DELETE /api/skymap` (admin): every identifier given must match."""
+
+    localization_name: str
+    dateobs: Annotated[Any, WithJsonSchema({"type": "string", "format": "date-time"})] = None
+    triggerid: Annotated[
+        Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer"}]})
+    ] = None
+    alias: Annotated[Any, WithJsonSchema({"type": "string"})] = None

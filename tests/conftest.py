@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient
@@ -89,3 +90,22 @@ async def mongo(cfg: Config, mongo_uri: str) -> AsyncIterator[AsyncMongoClient]:
 
 def ztf_alert_files() -> list[Path]:
     return sorted(ZTF_ALERTS.rglob("*.avro"))
+
+
+# ------------------------------------------------------------------ the API, in-process
+# (tests/apiclient.py; modules that need gunicorn bind apiclient.gunicorn_api/gunicorn_users)
+
+
+@pytest.fixture(scope="module")
+async def api(test_environ: dict[str, str], mongo_uri: str) -> AsyncIterator[Any]:
+    from .apiclient import app_api
+
+    async for served in app_api(test_environ, mongo_uri):
+        yield served
+
+
+@pytest.fixture(scope="module")
+async def users(api: Any) -> dict[str, str]:
+    from .apiclient import app_users
+
+    return await app_users(api)
