@@ -60,7 +60,8 @@ def candids(body: dict[str, Any]) -> list[int]:
 
 @admin_required
 async def classifications_put(request: web.Request) -> web.Response:
-    """PUT: `{candid: {human_labels, ml_scores}}`, merged into stored labels."""
+    """PUT /api/classifications/{survey}: `{candid: {human_labels, ml_scores}}`, merged into
+    stored labels."""
     alerts, labels, object_key = _collections(request)
     body = await read_body(request)
     ids = candids(body)
@@ -88,7 +89,8 @@ async def classifications_put(request: web.Request) -> web.Response:
 
 @admin_required
 async def classifications_delete(request: web.Request) -> web.Response:
-    """DELETE: `{candid: {human_labels: [labels], ml_scores: [labels]}}` removes those labels."""
+    """DELETE /api/classifications/{survey}: `{candid: {human_labels: [labels], ml_scores:
+    [labels]}}` removes those labels."""
     _, labels, _ = _collections(request)
     body = await read_body(request)
     ops = []
@@ -110,7 +112,7 @@ async def classifications_delete(request: web.Request) -> web.Response:
 
 
 async def classifications_get(request: web.Request) -> web.Response:
-    """GET /api/classifications/{survey}/{candid}."""
+    """GET /api/classifications/{survey}/{candid}: an alert's labels and scores."""
     current_user(request)
     _, labels, object_key = _collections(request)
     candid = path_int(request, "candid")

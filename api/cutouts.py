@@ -112,7 +112,7 @@ def choice(request: web.Request, name: str, options: tuple[str, ...], default: s
 
 
 async def cutout_get(request: web.Request) -> web.Response:
-    """GET /api/cutouts/{survey}/{candid}/{cutout}/{fits|png}."""
+    """GET /api/cutouts/{survey}/{candid}/{cutout}/{fits|png}: an alert cutout."""
     cfg: Config = request.app[CONFIG]
     try:
         survey = survey_for_key(request.match_info["survey"])

@@ -217,7 +217,7 @@ async def _get(request: web.Request, filter_id: int) -> dict[str, Any]:
 
 @admin_required
 async def filters_get(request: web.Request) -> web.Response:
-    """GET /api/filters/{filter_id}."""
+    """GET /api/filters/{filter_id}: a filter with all its versions."""
     filter_id = path_int(request, "filter_id")
     return success(f"Retrieved filter id {filter_id}", await _get(request, filter_id))
 
@@ -256,7 +256,7 @@ async def filters_patch(request: web.Request) -> web.Response:
 
 @admin_required
 async def filters_delete(request: web.Request) -> web.Response:
-    """DELETE /api/filters/{filter_id}."""
+    """DELETE /api/filters/{filter_id}: remove a filter."""
     filter_id = path_int(request, "filter_id")
     result = await _filters(request).delete_one({"filter_id": filter_id})
     if result.deleted_count == 0:

@@ -313,7 +313,8 @@ def _triggerid_param(params: dict[str, Any]) -> dict[str, Any]:
 
 
 async def skymap_get(request: web.Request) -> web.Response:
-    """GET /api/skymap?dateobs|triggerid|alias[&localization_name][&contours=90,95]."""
+    """GET /api/skymap: a stored skymap, by dateobs, triggerid or alias (query parameters;
+    localization_name and contours=90,95 optional)."""
     params = dict(request.query)
     query = {**identity(params), **_triggerid_param(params)}
     doc = await _skymaps(request).find_one(query)
