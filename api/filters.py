@@ -9,13 +9,14 @@ import string
 from typing import Any
 
 from aiohttp import web
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from api.auth import admin_required, read_body
 from api.models import FilterCreate, FilterPatch, FilterTest, parse
 from api.responses import BadRequest, path_int, success
 from api.safety import check_filter_pipeline
-from api.state import CONFIG, DB
+from api.state import CONFIG, DB, collection
 from kowalski.config import Config
 from kowalski.filtering import (
     FilterError,
@@ -66,9 +67,8 @@ def user_pipeline(value: Any, field: str = "pipeline") -> list[dict[str, Any]]:
     return pipeline
 
 
-def _filters(request: web.Request) -> Any:
-    cfg: Config = request.app[CONFIG]
-    return request.app[DB][cfg.database.collections["filters"]]
+def _filters(request: web.Request) -> AsyncCollection[dict[str, Any]]:
+    return collection(request, "filters")
 
 
 async def test_run(

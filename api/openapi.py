@@ -30,8 +30,8 @@ REQUEST_BODIES: dict[tuple[str, str], type[BaseModel] | dict[str, Any]] = {
     ("POST", "/api/filters"): models.FilterCreate,
     ("PATCH", "/api/filters"): models.FilterPatch,
     ("POST", "/api/filters/{filter_id}/test"): models.FilterTest,
-    ("PUT", "/api/classifications/{survey}"): models.ClassificationsBody,
-    ("DELETE", "/api/classifications/{survey}"): models.ClassificationsBody,
+    ("PUT", "/api/classifications/{survey}"): models.ClassificationsPut,
+    ("DELETE", "/api/classifications/{survey}"): models.ClassificationsDelete,
     ("PUT", "/api/triggers/{kind}"): {
         "oneOf": [{"$ref": REF_TEMPLATE.format(model=m.__name__)} for m in models.TRIGGERS]
     },

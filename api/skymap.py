@@ -20,13 +20,13 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 from aiohttp import web
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DocumentTooLarge, DuplicateKeyError, WriteError
 
 from api.auth import admin_required, read_body
 from api.models import SkymapPut, parse, parse_dateobs, parse_levels, plain_triggerid, text
 from api.responses import BadRequest, json_response, success
-from api.state import CONFIG, DB
-from kowalski.config import Config
+from api.state import collection
 from kowalski.coords import parse_dec, parse_ra
 from kowalski.skymaps import (
     MAX_SKYMAP_BYTES,
@@ -191,9 +191,8 @@ async def read_voevent(xml: Any) -> VOEventInfo:
 # ------------------------------------------------------------------ handlers
 
 
-def _skymaps(request: web.Request) -> Any:
-    cfg: Config = request.app[CONFIG]
-    return request.app[DB][cfg.database.collections["skymaps"]]
+def _skymaps(request: web.Request) -> AsyncCollection[dict[str, Any]]:
+    return collection(request, "skymaps")
 
 
 def level_list(names: Any) -> list[int | float]:

@@ -17,14 +17,6 @@ MONGO: web.AppKey[AsyncMongoClient[dict[str, Any]]] = web.AppKey("mongo", AsyncM
 DB: web.AppKey[AsyncDatabase[dict[str, Any]]] = web.AppKey("db", AsyncDatabase)
 
 
-def config(request: web.Request) -> Config:
-    return request.app[CONFIG]
-
-
-def database(request: web.Request) -> AsyncDatabase[dict[str, Any]]:
-    return request.app[DB]
-
-
 def collection(request: web.Request, key: str) -> AsyncCollection[dict[str, Any]]:
     """The configured collection `database.collections[key]`."""
     return request.app[DB][request.app[CONFIG].database.collections[key]]

@@ -8,18 +8,18 @@ import datetime as dt
 from typing import Any
 
 from aiohttp import web
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
 from api.auth import USER_CACHE, admin_required, hash_password, new_uid, read_body
 from api.models import UserCreate, UserUpdate, parse
 from api.responses import BadRequest, NotFound, success
-from api.state import CONFIG, DB
+from api.state import CONFIG, collection
 from kowalski.config import Config
 
 
-def _users(request: web.Request) -> Any:
-    cfg: Config = request.app[CONFIG]
-    return request.app[DB][cfg.database.collections["users"]]
+def _users(request: web.Request) -> AsyncCollection[dict[str, Any]]:
+    return collection(request, "users")
 
 
 async def _hash(password: str) -> str:

@@ -40,7 +40,7 @@ def decoded_alerts() -> list[dict[str, Any]]:
     return [decode_packet(p.read_bytes())[0] for p in ztf_alert_files()]
 
 
-def api_config(test_environ: dict[str, str], prefix: str) -> tuple[Config, dict[str, str]]:
+def ingested_config(test_environ: dict[str, str], prefix: str) -> tuple[Config, dict[str, str]]:
     """A configuration with a database of its own, holding the bundled ZTF alerts."""
     env = {**test_environ, "KOWALSKI__database__db": f"{prefix}_{uuid.uuid4().hex[:8]}"}
     cfg = build_config([], env)
@@ -90,7 +90,7 @@ class Api:
 def gunicorn_api(
     test_environ: dict[str, str], mongo_uri: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Api]:
-    cfg, env = api_config(test_environ, "api")
+    cfg, env = ingested_config(test_environ, "api")
     port = free_port()
     server = ApiServer(
         cfg, port, tmp_path_factory.mktemp("api") / "gunicorn.log", env, workers=2
@@ -167,8 +167,7 @@ class AppApi:
         return await self.call("POST", "/api/queries", token, json=body)
 
 
-async def app_api(test_environ: dict[str, str], mongo_uri: str) -> AsyncIterator[AppApi]:
-    cfg, _ = api_config(test_environ, "app")
+async def app_api(cfg: Config, mongo_uri: str) -> AsyncIterator[AppApi]:
     client: TestClient[Any, Any] = TestClient(TestServer(await app_factory(cfg)))
     await client.start_server()
     mongo: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)

@@ -97,10 +97,18 @@ def ztf_alert_files() -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-async def api(test_environ: dict[str, str], mongo_uri: str) -> AsyncIterator[Any]:
+def api_cfg(test_environ: dict[str, str]) -> Config:
+    """A database of the module's own with the bundled ZTF alerts (ingested before the loop runs)."""
+    from .apiclient import ingested_config
+
+    return ingested_config(test_environ, "app")[0]
+
+
+@pytest.fixture(scope="module")
+async def api(api_cfg: Config, mongo_uri: str) -> AsyncIterator[Any]:
     from .apiclient import app_api
 
-    async for served in app_api(test_environ, mongo_uri):
+    async for served in app_api(api_cfg, mongo_uri):
         yield served
 
 
