@@ -172,8 +172,11 @@ async def authenticate(request: web.Request) -> User | None:
     return user
 
 
+USER: web.RequestKey[User | None] = web.RequestKey("user")
+
+
 def current_user(request: web.Request) -> User:
-    user: User | None = request.get("user")
+    user = request.get(USER)
     if user is None:
         raise Unauthorized("authentication required (header 'Authorization: Bearer <token>')")
     return user

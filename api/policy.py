@@ -26,7 +26,6 @@ from kowalski.config import Config
 from kowalski.db import system_collection_names
 from kowalski.surveys import Survey, survey_for_collection
 
-RIGHTS_KEY = "rights"
 HISTORY_ARRAYS = ("prv_candidates", "fp_hists")
 Stage = dict[str, Any]
 
@@ -139,9 +138,12 @@ class DataRights:
         return [*self.restriction(catalog), *([{"$match": flt}] if flt else [])]
 
 
+RIGHTS_KEY: web.RequestKey[DataRights] = web.RequestKey("rights")
+
+
 def data_rights(request: web.Request) -> DataRights:
     """The request's data rights (401 when nobody is logged in)."""
-    rights: DataRights | None = request.get(RIGHTS_KEY)
+    rights = request.get(RIGHTS_KEY)
     if rights is None:
         rights = DataRights(current_user(request), request.app[CONFIG])
         request[RIGHTS_KEY] = rights
