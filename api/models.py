@@ -54,10 +54,31 @@ JSON_OBJECT: dict[str, Any] = {
 }
 
 
+REQUIRED = "x-kowalski-required"
+
+
+def required() -> Any:
+    """A field every request gives: when missing, its validator still runs (on None), so that
+    the answer is the API's own message; the schema lists it as required."""
+    return Field(default=None, validate_default=True, json_schema_extra={REQUIRED: True})
+
+
+def required_in_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """`required` as the OpenAPI document shows it."""
+    names = [f.alias or n for n, f in model.model_fields.items() if f.is_required()]
+    for name, prop in schema.get("properties", {}).items():
+        if isinstance(prop, dict) and prop.pop(REQUIRED, False):
+            names.append(name)
+    if names:
+        schema["required"] = names
+
+
 class Model(BaseModel):
     """Request models ignore keys they do not know (upstream clients send extra ones)."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="ignore", populate_by_name=True, json_schema_extra=required_in_schema
+    )
 
 
 def parse(model: type[M], data: Any, **context: Any) -> M:
@@ -291,10 +312,13 @@ Identifier = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type
 class QueryOptions(Model):
     """`kwargs` of a query."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", populate_by_name=True, json_schema_extra=required_in_schema
+    )
 
     max_time_ms: Annotated[
-        int, WithJsonSchema({"type": "integer", "minimum": 1, "description": "time limit"})
+        int,
+        WithJsonSchema({"type": "integer", "minimum": 1, "description": "default: the server's"}),
     ] = 0
     hint: Annotated[Any, WithJsonSchema({"description": "index name or key pattern"})] = None
     skip: Annotated[int | None, WithJsonSchema({"type": "integer", "minimum": 0})] = None
@@ -378,7 +402,7 @@ class QueryRequest(Model):
 
 
 class CatalogQuery(Model):
-    catalog: CatalogName = Field(default=None, validate_default=True)
+    catalog: CatalogName = required()
 
 
 class FilteredQuery(CatalogQuery):
@@ -387,6 +411,8 @@ class FilteredQuery(CatalogQuery):
 
 
 class RequiredFilterQuery(FilteredQuery):
+    filter: Filter = Field(default_factory=dict, json_schema_extra={REQUIRED: True})
+
     @model_validator(mode="before")
     @classmethod
     def _filter_required(cls, data: Any) -> Any:
@@ -418,7 +444,7 @@ class AggregateQuery(CatalogQuery):
     pipeline: Annotated[
         list[dict[str, Any]],
         WithJsonSchema({"type": "array", "items": OBJECT, "minItems": 1}),
-    ] = Field(default=None, validate_default=True)
+    ] = required()
 
     @field_validator("pipeline", mode="before")
     @classmethod
@@ -442,7 +468,7 @@ class InfoQuery(Model):
     command: Annotated[
         Literal[INFO_COMMANDS],  # type: ignore[valid-type]
         WithJsonSchema({"type": "string", "enum": list(INFO_COMMANDS)}),
-    ] = Field(default=None, validate_default=True)
+    ] = required()
     catalog: Annotated[Any, WithJsonSchema({"type": "string"})] = None
 
     @field_validator("command", mode="before")
@@ -498,10 +524,10 @@ Catalogs = Annotated[
 
 class ObjectCoordinates(Model):
     cone_search_unit: Literal["arcsec", "arcmin", "deg", "rad"] = "arcsec"
-    cone_search_radius: Annotated[float, WithJsonSchema({"type": "number", "minimum": 0})] = Field(
-        default=None, validate_default=True
+    cone_search_radius: Annotated[float, WithJsonSchema({"type": "number", "minimum": 0})] = (
+        required()
     )
-    radec: Positions = Field(default=None, validate_default=True)
+    radec: Positions = required()
 
     @field_validator("cone_search_unit", mode="before")
     @classmethod
@@ -527,8 +553,8 @@ class ConeSearchQuery(Model):
     object_coordinates: Annotated[
         ObjectCoordinates,
         BeforeValidator(lambda v: json_object(v, "query.object_coordinates")),
-    ] = Field(default=None, validate_default=True)
-    catalogs: Catalogs = Field(default=None, validate_default=True)
+    ] = required()
+    catalogs: Catalogs = required()
 
 
 class NearQuery(Model):
@@ -539,8 +565,8 @@ class NearQuery(Model):
         default=0, validate_default=True
     )
     max_distance: Annotated[float | None, WithJsonSchema({"type": "number", "minimum": 0})] = None
-    radec: Positions = Field(default=None, validate_default=True)
-    catalogs: Catalogs = Field(default=None, validate_default=True)
+    radec: Positions = required()
+    catalogs: Catalogs = required()
 
     @field_validator("min_distance", "max_distance", mode="before")
     @classmethod
@@ -621,8 +647,8 @@ class SkymapSelector(Model):
 class SkymapQuery(Model):
     """skymap: documents of `catalog` inside a stored skymap's credible-level contour."""
 
-    skymap: SkymapSelector = Field(default=None, validate_default=True)
-    catalog: CatalogName = Field(default=None, validate_default=True)
+    skymap: SkymapSelector = required()
+    catalog: CatalogName = required()
     filter: Filter = Field(default_factory=dict)
     projection: Projection = None
 
@@ -641,38 +667,14 @@ QUERY_MODELS: dict[str, type[Model]] = {
 }
 
 
-def queries_schema() -> dict[str, Any]:
-    """The body of `POST /api/queries` as one alternative per query type."""
-    options = QueryOptions.model_json_schema(by_alias=True)
-    return {
-        "oneOf": [
-            {
-                "type": "object",
-                "title": f"{name} query",
-                "required": ["query_type", "query"],
-                "properties": {
-                    "query_type": {"type": "string", "enum": [name]},
-                    "query": model.model_json_schema(),
-                    "kwargs": options,
-                },
-            }
-            for name, model in QUERY_MODELS.items()
-        ]
-    }
-
-
 # ------------------------------------------------------------------ route bodies
 
 
 class AuthRequest(Model):
     """`POST /api/auth`: username and password (penquins adds its version)."""
 
-    username: Annotated[str, WithJsonSchema({"type": "string"})] = Field(
-        default=None, validate_default=True
-    )
-    password: Annotated[str, WithJsonSchema({"type": "string"})] = Field(
-        default=None, validate_default=True
-    )
+    username: Annotated[str, WithJsonSchema({"type": "string"})] = required()
+    password: Annotated[str, WithJsonSchema({"type": "string"})] = required()
     penquins_version: Any = Field(default=None, alias="penquins.__version__")
 
     @field_validator("username", "password", mode="before")
@@ -753,15 +755,15 @@ class UserUpdate(Model):
 class TooTrigger(Model):
     """`PUT /api/triggers/ztf[.test]`: a ToO queue for the ZTF scheduler."""
 
-    queue_name: str = Field(default=None, validate_default=True)
-    user: str = Field(default=None, validate_default=True)
+    queue_name: str = required()
+    user: str = required()
     validity_window_mjd: Annotated[
         tuple[float, float],
         WithJsonSchema({"type": "array", "items": {"type": "number"}, "minItems": 2}),
-    ] = Field(default=None, validate_default=True)
+    ] = required()
     targets: Annotated[
         list[dict[str, Any]], WithJsonSchema({"type": "array", "items": OBJECT, "minItems": 1})
-    ] = Field(default=None, validate_default=True)
+    ] = required()
 
     @field_validator("queue_name", "user", mode="before")
     @classmethod
@@ -808,11 +810,9 @@ TOO_TARGET_KEYS = {
 class MmaTrigger(Model):
     """`PUT /api/triggers/ztfmma[.test]`: an MMA skymap trigger for the ZTF scheduler."""
 
-    trigger_name: str = Field(default=None, validate_default=True)
-    user: str = Field(default=None, validate_default=True)
-    trigger_time: Annotated[float, WithJsonSchema({"type": "number"})] = Field(
-        default=None, validate_default=True
-    )
+    trigger_name: str = required()
+    user: str = required()
+    trigger_time: Annotated[float, WithJsonSchema({"type": "number"})] = required()
     fields: Annotated[
         list[dict[str, Any]],
         WithJsonSchema(
@@ -829,7 +829,7 @@ class MmaTrigger(Model):
                 },
             }
         ),
-    ] = Field(default=None, validate_default=True)
+    ] = required()
 
     @field_validator("trigger_name", "user", mode="before")
     @classmethod
@@ -875,16 +875,14 @@ PositiveId = Annotated[int, WithJsonSchema({"type": "integer", "minimum": 1})]
 class FilterCreate(Model):
     """`POST /api/filters` (admin): a new filter, or a new version of one."""
 
-    group_id: PositiveId = Field(default=None, validate_default=True)
-    filter_id: PositiveId = Field(default=None, validate_default=True)
-    catalog: Annotated[str, WithJsonSchema({"type": "string"})] = Field(
-        default=None, validate_default=True
-    )
+    group_id: PositiveId = required()
+    filter_id: PositiveId = required()
+    catalog: Annotated[str, WithJsonSchema({"type": "string"})] = required()
     permissions: Annotated[
         list[int], WithJsonSchema({"type": "array", "items": {"type": "integer"}})
     ] = Field(default_factory=list)
     pipeline: Annotated[Any, WithJsonSchema({"type": "array", "items": OBJECT, "minItems": 1})] = (
-        None
+        required()
     )
     autosave: Annotated[Any, WithJsonSchema({"anyOf": [{"type": "boolean"}, OBJECT]})] = False
     auto_followup: Annotated[Any, WithJsonSchema(OBJECT)] = Field(default_factory=dict)
@@ -919,9 +917,9 @@ FILTER_PATCH_KEYS = ("active", "active_fid", "autosave", "auto_followup", "updat
 class FilterPatch(Model):
     """`PATCH /api/filters` (admin): only the keys given change."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=required_in_schema)
 
-    filter_id: PositiveId = Field(default=None, validate_default=True)
+    filter_id: PositiveId = required()
     active: bool | None = None
     active_fid: Annotated[Any, WithJsonSchema({"type": "string"})] = None
     autosave: Annotated[Any, WithJsonSchema({"anyOf": [{"type": "boolean"}, OBJECT]})] = None

@@ -33,7 +33,7 @@ REQUEST_BODIES: dict[tuple[str, str], type[BaseModel] | dict[str, Any]] = {
     ("PUT", "/api/classifications/{survey}"): models.ClassificationsPut,
     ("DELETE", "/api/classifications/{survey}"): models.ClassificationsDelete,
     ("PUT", "/api/triggers/{kind}"): {
-        "oneOf": [{"$ref": REF_TEMPLATE.format(model=m.__name__)} for m in models.TRIGGERS]
+        "anyOf": [{"$ref": REF_TEMPLATE.format(model=m.__name__)} for m in models.TRIGGERS]
     },
     ("DELETE", "/api/triggers/{kind}"): models.TriggerDelete,
     ("PUT", "/api/skymap"): models.SkymapPut,
@@ -80,9 +80,29 @@ def model_schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str
     return dict(openapi_compatible(schema))
 
 
+def queries_schema(components: dict[str, Any]) -> dict[str, Any]:
+    """The body of `POST /api/queries`: one alternative per query type."""
+    options = model_schema(models.QueryOptions, components)
+    return {
+        "oneOf": [
+            {
+                "type": "object",
+                "description": f"{name} query",
+                "required": ["query_type", "query"],
+                "properties": {
+                    "query_type": {"type": "string", "enum": [name]},
+                    "query": model_schema(model, components),
+                    "kwargs": options,
+                },
+            }
+            for name, model in models.QUERY_MODELS.items()
+        ]
+    }
+
+
 def body_schema(method: str, path: str, components: dict[str, Any]) -> dict[str, Any] | None:
     if (method, path) == ("POST", "/api/queries"):
-        return dict(openapi_compatible(models.queries_schema()))
+        return queries_schema(components)
     body = REQUEST_BODIES.get((method, path))
     if body is None or isinstance(body, dict):
         return body
