@@ -7,6 +7,7 @@ import gzip
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 from penquins import Kowalski
 
@@ -280,6 +281,7 @@ def test_alerts_files_present() -> None:
     assert len(list(ZTF_ALERTS.rglob("*.avro"))) == 38
 
 
+@pytest.mark.timeout(900)  # every operation, on a machine shared with other work
 def test_schemathesis_finds_no_server_errors(
     api: Api, users: dict[str, str], tmp_path: Any
 ) -> None:
