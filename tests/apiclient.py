@@ -5,9 +5,13 @@ the real server binds `api = gunicorn_api` and `users = gunicorn_users`."""
 
 from __future__ import annotations
 
+import json
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -86,11 +90,58 @@ class Api:
         )
 
 
+class Scheduler(BaseHTTPRequestHandler):
+    """The ZTF scheduler the trigger proxies forward to, as deployed: it accepts everything."""
+
+    def answer(self, status: int, body: Any) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_PUT(self) -> None:
+        self.answer(201, {"accepted": True})
+
+    def do_GET(self) -> None:
+        self.answer(200, [])
+
+    def do_DELETE(self) -> None:
+        self.answer(200, {"deleted": True})
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+
+@contextmanager
+def scheduler() -> Iterator[int]:
+    """A stand-in ZTF scheduler on a free port (its port)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Scheduler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="module", name="api")
 def gunicorn_api(
     test_environ: dict[str, str], mongo_uri: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Api]:
-    cfg, env = ingested_config(test_environ, "api")
+    with scheduler() as port:
+        ztf = {"KOWALSKI__ztf__mountain_ip": "127.0.0.1", "KOWALSKI__ztf__mountain_port": str(port)}
+        yield from served_api({**test_environ, **ztf}, mongo_uri, tmp_path_factory)
+
+
+def served_api(
+    environ: dict[str, str], mongo_uri: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Api]:
+    cfg, env = ingested_config(environ, "api")
     port = free_port()
     server = ApiServer(
         cfg, port, tmp_path_factory.mktemp("api") / "gunicorn.log", env, workers=2
