@@ -14,6 +14,7 @@ from api import models
 from api.middlewares import is_public
 from api.state import CONFIG
 from kowalski.config import Config
+from kowalski.surveys import SURVEYS
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 HIDDEN_PREFIX = "/docs/api"  # the documentation itself is not documented
@@ -41,8 +42,11 @@ REQUEST_BODIES: dict[tuple[str, str], type[BaseModel] | dict[str, Any]] = {
 }
 PATH_PARAMETERS: dict[str, dict[str, Any]] = {
     "filter_id": {"type": "integer", "minimum": 1},
-    "candid": {"type": "integer", "minimum": 0},
-    "survey": {"type": "string"},
+    "candid": {  # the detection id: candid (ZTF, ...), diaSourceId (LSST)
+        "type": "integer",
+        "minimum": 0,
+    },
+    "survey": {"type": "string", "enum": [s.key for s in SURVEYS.values()]},
     "cutout": {"type": "string", "enum": ["science", "template", "difference"]},
     "file_format": {"type": "string", "enum": ["fits", "png"]},
     "kind": {"type": "string", "enum": ["ztf", "ztf.test", "ztfmma", "ztfmma.test"]},
