@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient
@@ -122,3 +123,30 @@ def clean_env(**extra: str) -> dict[str, str]:
         if not k.startswith(("KOWALSKI", "MONGODB_URI", "KAFKA_BOOTSTRAP"))
     }
     return {**base, **extra}
+
+
+# ------------------------------------------------------------------ the API, in-process
+# (tests/apiclient.py; modules that need gunicorn bind apiclient.gunicorn_api/gunicorn_users)
+
+
+@pytest.fixture(scope="module")
+def api_cfg(test_environ: dict[str, str]) -> Config:
+    """A database of the module's own with the bundled ZTF alerts (ingested before the loop runs)."""
+    from .apiclient import ingested_config
+
+    return ingested_config(test_environ, "app")[0]
+
+
+@pytest.fixture(scope="module")
+async def api(api_cfg: Config, mongo_uri: str) -> AsyncIterator[Any]:
+    from .apiclient import app_api
+
+    async for served in app_api(api_cfg, mongo_uri):
+        yield served
+
+
+@pytest.fixture(scope="module")
+async def users(api: Any) -> dict[str, str]:
+    from .apiclient import app_users
+
+    return await app_users(api)
