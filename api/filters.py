@@ -1,5 +1,6 @@
 """Filters API (admin only; SkyPortal/Fritz pushes filters here): versions, autosave,
-auto_followup, update_annotations, save-time test run, and test runs over archived alerts."""
+auto_followup, update_annotations, stream (results stream), save-time test run, and test runs
+over archived alerts."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from kowalski.filtering import (
     parse_pipeline,
     serialize_pipeline,
 )
+from kowalski.results import validate_stream
 
 AUTOSAVE_KEYS = {"active", "comment", "ignore_group_ids", "pipeline", "saver_id"}
 AUTO_FOLLOWUP_KEYS = {
@@ -57,6 +59,14 @@ def positive_int(body: dict[str, Any], key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BadRequest(f"{key} must be an integer >= 1")
     return value
+
+
+def stream_option(value: Any) -> bool | dict[str, bool]:
+    """The `stream` option (publish passes to the results stream), validated for storage."""
+    try:
+        return validate_stream(value)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def user_pipeline(value: Any, field: str = "pipeline") -> list[dict[str, Any]]:
@@ -183,6 +193,7 @@ async def filters_post(request: web.Request) -> web.Response:
     autosave, auto_followup = await check_options(
         request, base, body.get("autosave", False), body.get("auto_followup", {})
     )
+    stream = stream_option(body.get("stream", False))
     version = {"fid": new_fid(), "pipeline": serialize_pipeline(pipeline), "created_at": now()}
     if existing is None:
         await _filters(request).insert_one(
@@ -196,6 +207,7 @@ async def filters_post(request: web.Request) -> web.Response:
                 "autosave": autosave,
                 "auto_followup": auto_followup,
                 "update_annotations": bool(body.get("update_annotations", False)),
+                "stream": stream,
                 "fv": [version],
                 "created_at": now(),
                 "last_modified": now(),
@@ -208,6 +220,8 @@ async def filters_post(request: web.Request) -> web.Response:
                 update[key] = value
         if "update_annotations" in body:
             update["update_annotations"] = bool(body["update_annotations"])
+        if "stream" in body:
+            update["stream"] = stream
         await _filters(request).update_one(
             {"filter_id": filter_id}, {"$push": {"fv": version}, "$set": update}
         )
@@ -230,7 +244,8 @@ async def filters_get(request: web.Request) -> web.Response:
 
 @admin_required
 async def filters_patch(request: web.Request) -> web.Response:
-    """PATCH /api/filters: change active, active_fid, autosave, auto_followup, update_annotations."""
+    """PATCH /api/filters: change active, active_fid, autosave, auto_followup, update_annotations,
+    stream."""
     body = await read_body(request)
     filter_id = positive_int(body, "filter_id")
     allowed = {
@@ -240,6 +255,7 @@ async def filters_patch(request: web.Request) -> web.Response:
         "autosave",
         "auto_followup",
         "update_annotations",
+        "stream",
     }
     unknown = set(body) - allowed
     if unknown:
@@ -260,6 +276,8 @@ async def filters_patch(request: web.Request) -> web.Response:
         update["active_fid"] = body["active_fid"]
     if "update_annotations" in body:
         update["update_annotations"] = bool(body["update_annotations"])
+    if "stream" in body:
+        update["stream"] = stream_option(body["stream"])
     if "autosave" in body or "auto_followup" in body:
         autosave, auto_followup = await check_options(
             request,

@@ -7,6 +7,8 @@ batches to the workers, commit offsets only after a batch is stored.
 - A failed batch (database down, ...) is retried with exponential backoff; nothing is dropped.
 - A restart resumes at the committed offsets; re-delivered alerts are harmless (unique candid,
   idempotent history merges).
+- A batch that returns results-stream records (filters with `stream` on) commits its offsets in
+  the Kafka transaction that produces them (`ingester.publisher`): exactly once.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from distributed import Client, Future, WorkerPlugin, get_worker
 
 from ingester.archive import prepare_database
 from ingester.pipeline import BatchReport, Packet, Pipeline
+from ingester.publisher import Publisher
+from ingester.results import prepare_outbox
 from kowalski.config import Config
 from kowalski.surveys import SURVEYS, survey_for_topic
 
@@ -123,6 +127,7 @@ class Ingester:
     max_in_flight: int = 2
     report: BatchReport = field(default_factory=BatchReport)
     committed: int = 0
+    instance: str | None = None  # part of the results transactional id (several per host)
 
     def __post_init__(self) -> None:
         self.consumer = Consumer(
@@ -143,6 +148,14 @@ class Ingester:
         self.assigned: set[tuple[str, int]] = set()
         self.consumer.subscribe(self.patterns, on_assign=self._on_assign, on_revoke=self._on_revoke)
         prepare_database(self.cfg, self.surveys)
+        prepare_outbox(self.cfg)
+        self.publisher = Publisher(
+            self.cfg,
+            self.bootstrap_servers,
+            self.consumer,
+            self.group or self.cfg.kafka.group,
+            self.instance,
+        )
         plugin = IngesterPlugin(self.cfg)
         self.runtime = plugin.name
         self.client.register_plugin(plugin, name=plugin.name)
@@ -182,7 +195,12 @@ class Ingester:
                 )
                 head.attempts += 1
                 continue
-            self.consumer.commit(offsets=head.offsets(), asynchronous=False)
+            if result.messages:
+                if not self.publisher.publish(result.messages, head.offsets(), self.assigned):
+                    self.in_flight.popleft()  # re-delivered to the partitions' new owner
+                    continue
+            else:
+                self.consumer.commit(offsets=head.offsets(), asynchronous=False)
             self.committed += len(head.packets)
             self.report.add(result)
             self.in_flight.popleft()
@@ -235,6 +253,7 @@ class Ingester:
             self.drain()
         finally:
             self.consumer.close()
+            self.publisher.close()
         return self.report
 
 

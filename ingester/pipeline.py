@@ -20,7 +20,7 @@ from typing import Any
 from bson import Binary
 from pymongo.asynchronous.database import AsyncDatabase
 
-from ingester import archive, filters, ml, xmatch
+from ingester import archive, filters, ml, results, xmatch
 from ingester.decode import decode_packet
 from ingester.mongify import Parts, split_alert
 from kowalski.config import Config
@@ -52,6 +52,8 @@ class BatchReport:
     updated_objects: int = 0
     passed: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # results stream: the outbox records of the batch's alerts, published by the consumer
+    messages: list[results.ResultMessage] = field(default_factory=list)
 
     def add(self, other: BatchReport) -> None:
         for item in fields(self):
@@ -118,6 +120,7 @@ class Pipeline:
                     await self.dead_letter(packet, f"decode: {exc}")
                     report.dead_letters += 1
         report.alerts = len(decoded)
+        candids = [int(r["candid"]) for _, r in decoded]
 
         with report.timed("dedup"):
             seen = await archive.existing_candids(alerts_coll, [r["candid"] for _, r in decoded])
@@ -128,7 +131,7 @@ class Pipeline:
                 else:
                     fresh[record["candid"]] = (packet, record)
         if not fresh:
-            return report
+            return await self.attach_results(survey, candids, report)
         records = [r for _, r in fresh.values()]
 
         with report.timed("ml"):
@@ -179,4 +182,14 @@ class Pipeline:
 
         with report.timed("handoff"):
             await self.handoff(survey, [p.alert for p in parts], passed)
+        with report.timed("results"):
+            await results.record_passes(self.db, cfg, survey, [p.alert for p in parts], passed)
+        return await self.attach_results(survey, candids, report)
+
+    async def attach_results(
+        self, survey: Survey, candids: list[int], report: BatchReport
+    ) -> BatchReport:
+        """Attach the results-stream records of every alert of the batch (new or seen before)."""
+        with report.timed("results"):
+            report.messages = await results.pending(self.db, self.cfg, survey, candids)
         return report

@@ -66,6 +66,17 @@ class ZTFMountain(_Strict):
     mountain_bind_port: int = 9999
 
 
+class ResultsStream(_Strict):
+    """Publishing filter passes to Kafka (see README, "Results stream")."""
+
+    enabled: bool = True
+    compression: Literal["zstd", "lz4", "gzip", "snappy", "none"] = "zstd"
+    # exactly once with Kafka transactions; false (or a broker without them): at least once
+    transactions: bool = True
+    # stable per ingester instance; default kowalski-results-<group>-<hostname>
+    transactional_id: str | None = None
+
+
 class Kafka(_Strict):
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         alias="default.topic.config.auto.offset.reset"
@@ -77,6 +88,19 @@ class Kafka(_Strict):
     scala_version: str
     processes_per_topic: dict[str, int]
     topics: dict[str, str]
+    results_topic: str = "kowalski_filter_{filter_id}"
+    results: ResultsStream = ResultsStream()
+
+    @field_validator("results_topic")
+    @classmethod
+    def _results_topic(cls, value: str) -> str:
+        try:
+            name = value.format(filter_id=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{filter_id}} may be substituted ({exc})") from None
+        if name == value.format(filter_id=2):
+            raise ValueError("must contain {filter_id}")
+        return value
 
 
 class IndexSpec(_Strict):
