@@ -149,6 +149,7 @@ def spec(cfg: Config) -> dict[str, Any]:
                             "autosave": {},
                             "auto_followup": obj,
                             "update_annotations": {"type": "boolean"},
+                            "stream": {},
                         },
                     },
                 ),
