@@ -127,7 +127,6 @@ class Ingester:
     max_in_flight: int = 2
     report: BatchReport = field(default_factory=BatchReport)
     committed: int = 0
-    instance: str | None = None  # part of the results transactional id (several per host)
 
     def __post_init__(self) -> None:
         self.consumer = Consumer(
@@ -150,12 +149,9 @@ class Ingester:
         prepare_database(self.cfg, self.surveys)
         prepare_outbox(self.cfg)
         self.publisher = Publisher(
-            self.cfg,
-            self.bootstrap_servers,
-            self.consumer,
-            self.group or self.cfg.kafka.group,
-            self.instance,
+            self.cfg, self.bootstrap_servers, self.consumer, self.group or self.cfg.kafka.group
         )
+        self.publisher.start()
         plugin = IngesterPlugin(self.cfg)
         self.runtime = plugin.name
         self.client.register_plugin(plugin, name=plugin.name)

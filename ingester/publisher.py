@@ -7,8 +7,11 @@ commit aborts both (the batch is re-delivered and its records, kept in the outbo
 a crash after it leaves nothing to redo. Consumers of the results topics read with
 `isolation.level=read_committed` and see every pass once.
 
-The transactional id is stable per ingester instance, so a restarted ingester fences its crashed
-predecessor and aborts its open transaction at once. Where the broker has no transactions (or
+The transactional id is stable per ingester instance (`kafka.results.transactional_id`, default
+`kowalski-results-<group>-<hostname>-<n>`, n numbering the ingesters alive in one process), and
+the producer is initialised when the ingester starts, before it consumes: a restarted ingester
+thereby fences its crashed predecessor and aborts its open transaction at once (otherwise the
+group's offsets stay pending, and consumption blocked, until the transaction times out). Where the broker has no transactions (or
 they are switched off) the records are produced by an idempotent producer, flushed, and only then
 are the offsets committed: at least once, every message carrying the header
 `kowalski-dedup: <candid>:<filter_id>:<fid>` to deduplicate on.
@@ -22,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -41,6 +45,8 @@ TIMEOUT_S = 60.0
 MAX_BACKOFF_SECONDS = 60.0
 INIT_ATTEMPTS = 5
 RECENT_KEYS = 100_000  # dedup keys published by this process (a pass in two batches goes once)
+_LIVE: dict[str, set[int]] = {}  # transactional id base -> numbers of the publishers alive
+_LIVE_LOCK = threading.Lock()
 
 
 def crash_point(name: str) -> None:
@@ -51,22 +57,34 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def transactional_id(cfg: Config, group: str, instance: str | None) -> str:
-    configured = cfg.kafka.results.transactional_id
-    base = configured or f"kowalski-results-{group}-{socket.gethostname()}"
-    return f"{base}-{instance}" if instance else base
+def transactional_id_base(cfg: Config, group: str) -> str:
+    return cfg.kafka.results.transactional_id or f"kowalski-results-{group}-{socket.gethostname()}"
+
+
+def claim_number(base: str) -> int:
+    """The lowest number not held by a live publisher with this id base in this process."""
+    with _LIVE_LOCK:
+        held = _LIVE.setdefault(base, set())
+        number = next(n for n in range(len(held) + 1) if n not in held)
+        held.add(number)
+        return number
+
+
+def release_number(base: str, number: int) -> None:
+    with _LIVE_LOCK:
+        _LIVE.get(base, set()).discard(number)
 
 
 class Publisher:
     """Produces results with the batch's offsets; created by the `Ingester`, used from `settle`."""
 
-    def __init__(
-        self, cfg: Config, bootstrap: str, consumer: Consumer, group: str, instance: str | None
-    ) -> None:
+    def __init__(self, cfg: Config, bootstrap: str, consumer: Consumer, group: str) -> None:
         self.cfg = cfg
         self.bootstrap = bootstrap
         self.consumer = consumer
-        self.txn_id = transactional_id(cfg, group, instance)
+        self._base = transactional_id_base(cfg, group)
+        self._number = claim_number(self._base)
+        self.txn_id = f"{self._base}-{self._number}"
         self.producer: Producer | None = None
         self.transactional = cfg.kafka.results.transactions
         self.topics: set[str] = set()
@@ -76,6 +94,11 @@ class Publisher:
         self._mongo: Any = None
 
     # ------------------------------------------------------------------ producer
+
+    def start(self) -> None:
+        """Before consuming: fence a crashed predecessor (aborting its open transaction)."""
+        if self.cfg.kafka.results.enabled and self.transactional:
+            self._producer()
 
     def _config(self, transactional: bool) -> dict[str, Any]:
         conf: dict[str, Any] = {
@@ -255,6 +278,7 @@ class Publisher:
             log.warning("results: %d outbox record(s) left behind: %s", len(messages), exc)
 
     def close(self) -> None:
+        release_number(self._base, self._number)
         if self.producer is not None:
             self.producer.flush(TIMEOUT_S)
         if self._mongo is not None:
