@@ -124,18 +124,20 @@ def tail(
     bootstrap: str, topic: str, from_beginning: bool, idle_s: float | None
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(key, record) of the committed passes on `topic`, as they come (read_committed)."""
-    from confluent_kafka import Consumer, KafkaError
+    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": f"kowalski-results-tail-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
-            "auto.offset.reset": "earliest" if from_beginning else "latest",
             "isolation.level": "read_committed",
         }
     )
-    consumer.subscribe([topic])
+    topics = consumer.list_topics(topic, timeout=30).topics
+    partitions = topics[topic].partitions if topics[topic].error is None else {}
+    start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+    consumer.assign([TopicPartition(topic, p, start) for p in partitions])
     try:
         quiet = 0.0
         while idle_s is None or quiet < idle_s:
