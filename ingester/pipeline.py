@@ -1,5 +1,7 @@
 """One batch through every stage: decode -> dedup -> ML -> aux (history + cross-matches) ->
-alerts -> filters -> hand-off. Data flows forward; each stage is called once per batch.
+alerts -> filters -> hand-off -> results (stream records, see `ingester.results`). Data flows
+forward; each stage is called once per batch. The report carries the batch's results-stream
+records back to the consumer, which publishes them with the batch's offsets.
 
 A packet that cannot be decoded or prepared goes to the `dead_letters` collection with the error
 and its raw bytes; the rest of the batch goes on. Database errors propagate: the consumer retries

@@ -292,7 +292,7 @@ def run_ingester_process(env: dict[str, str], log: Path, crash_at: str | None) -
         out.write(f"\n=== run, crash at {crash_at}\n")
         out.flush()
         proc = subprocess.run(
-            [sys.executable, "-m", "ingester", "--survey", "ZTF", "--threads", "--until-idle", "5"],
+            [sys.executable, "-m", "ingester", "--survey", "ZTF", "--threads", "--until-idle", "8"],
             cwd=ROOT,
             env=child_env,
             stdout=out,
