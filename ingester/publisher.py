@@ -43,7 +43,6 @@ CRASH_ENV = "KOWALSKI_TEST_CRASH_AT"
 CRASH_POINTS = ("before_commit", "between_produce_and_commit", "after_commit")
 TIMEOUT_S = 60.0
 MAX_BACKOFF_SECONDS = 60.0
-INIT_ATTEMPTS = 5
 RECENT_KEYS = 100_000  # dedup keys published by this process (a pass in two batches goes once)
 _LIVE: dict[str, set[int]] = {}  # transactional id base -> numbers of the publishers alive
 _LIVE_LOCK = threading.Lock()
@@ -113,30 +112,36 @@ class Publisher:
         return conf
 
     def _producer(self) -> Producer:
-        if self.producer is not None:
-            return self.producer
-        if self.transactional:
-            producer = Producer(self._config(True))
-            for attempt in range(1, INIT_ATTEMPTS + 1):
-                try:
-                    producer.init_transactions(TIMEOUT_S)
-                    self.producer = producer
-                    log.info("results: transactional producer %s ready", self.txn_id)
-                    return producer
-                except KafkaException as exc:
-                    error = exc.args[0]
-                    if not error.retriable() or attempt == INIT_ATTEMPTS:
-                        log.warning(
-                            "results: no Kafka transactions (%s): falling back to at least "
-                            "once, deduplicate on the %s header",
-                            error,
-                            results.DEDUP_HEADER,
-                        )
-                        break
-                    time.sleep(min(MAX_BACKOFF_SECONDS, 2.0**attempt))
-            self.transactional = False
-        self.producer = Producer(self._config(False))
+        if self.producer is None:
+            transactional = self._transactional_producer() if self.transactional else None
+            self.transactional = transactional is not None
+            self.producer = transactional or Producer(self._config(False))
         return self.producer
+
+    def _transactional_producer(self) -> Producer | None:
+        """A producer with transactions initialised (fencing any older one with our id), or
+        None where the broker refuses transactions. Retriable errors are waited out."""
+        producer = Producer(self._config(True))
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                producer.init_transactions(TIMEOUT_S)
+                log.info("results: transactional producer %s ready", self.txn_id)
+                return producer
+            except KafkaException as exc:
+                error = exc.args[0]
+                if not error.retriable():
+                    log.warning(
+                        "results: no Kafka transactions (%s): falling back to at least once, "
+                        "deduplicate on the %s header",
+                        error,
+                        results.DEDUP_HEADER,
+                    )
+                    return None
+                delay = min(MAX_BACKOFF_SECONDS, 2.0**attempt)
+                log.warning("results: init_transactions: %s; retry in %.0f s", error, delay)
+                time.sleep(delay)
 
     def _ensure_topics(self, messages: Sequence[ResultMessage]) -> None:
         new = sorted({m.topic for m in messages} - self.topics)
