@@ -214,7 +214,7 @@ async def record_passes(
                 "survey": survey.name,
                 "candid": candid,
                 "filter_id": int(entry["filter_id"]),
-                "topic": results.topic_for(cfg, int(entry["filter_id"])),
+                "topic": results.topic_for(cfg, int(entry["filter_id"]), survey.name),
                 "key": record["objectId"],
                 "dedup": results.dedup_key(candid, int(entry["filter_id"]), str(entry["fid"])),
                 "value": Binary(results.encode(record)),

@@ -95,11 +95,13 @@ class Kafka(_Strict):
     @classmethod
     def _results_topic(cls, value: str) -> str:
         try:
-            name = value.format(filter_id=1)
+            names = {value.format(filter_id=f, survey=s) for f in (1, 2) for s in ("a", "b")}
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"only {{filter_id}} may be substituted ({exc})") from None
-        if name == value.format(filter_id=2):
-            raise ValueError("must contain {filter_id}")
+            raise ValueError(
+                f"only {{filter_id}} and {{survey}} may be substituted ({exc})"
+            ) from None
+        if len(names) == 1:
+            raise ValueError("must contain {filter_id} (a topic per filter) or {survey}")
         return value
 
 

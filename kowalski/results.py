@@ -53,8 +53,10 @@ def decode(value: bytes) -> dict[str, Any]:
     return record
 
 
-def topic_for(cfg: Config, filter_id: int) -> str:
-    return cfg.kafka.results_topic.format(filter_id=filter_id)
+def topic_for(cfg: Config, filter_id: int, survey: str) -> str:
+    """`kafka.results_topic` for a filter on `survey`'s alerts: a topic per filter by default,
+    or one per survey for all its filters' passes when the template has only `{survey}`."""
+    return cfg.kafka.results_topic.format(filter_id=filter_id, survey=survey.lower())
 
 
 def dedup_key(candid: int, filter_id: int, fid: str) -> str:
@@ -162,13 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     tail_cmd = commands.add_parser("tail", help="decode and print a filter's results stream")
     tail_cmd.add_argument("--filter", type=int, required=True, help="filter id")
+    tail_cmd.add_argument("--survey", default="ZTF", help="the filter's survey (default ZTF)")
     tail_cmd.add_argument("--from-beginning", action="store_true", help="not only new passes")
     tail_cmd.add_argument("--idle", type=float, help="stop after this many seconds without one")
     tail_cmd.add_argument("--full", action="store_true", help="print light curves and cutouts too")
     args = parser.parse_args(argv)
     cfg = load_config_or_exit()
-    topic = topic_for(cfg, args.filter)
+    topic = topic_for(cfg, args.filter, args.survey)
     for key, record in tail(cfg.kafka.bootstrap_servers, topic, args.from_beginning, args.idle):
+        if record["filter_id"] != args.filter:  # a per-survey topic holds every filter's passes
+            continue
         shown = printable(record)
         if not args.full:
             for name in ("light_curve", "forced_photometry"):

@@ -21,7 +21,7 @@ from pymongo import MongoClient
 from ingester.consumer import Ingester
 from ingester.replay import replay
 from kowalski import results
-from kowalski.config import ROOT, Config, build_config
+from kowalski.config import ROOT, Config, ConfigError, build_config
 
 from .conftest import ZTF_ALERTS
 from .test_ingestion import dask_client  # noqa: F401  (module fixture, reused)
@@ -147,7 +147,7 @@ def test_passes_published_for_exactly_the_passing_alerts(
 ) -> None:
     cfg, db, ingester = streamed
     assert ingester.committed == 38 and db.ZTF_alerts.count_documents({}) == 38
-    published = read_all(kafka_bootstrap, results.topic_for(cfg, 1))
+    published = read_all(kafka_bootstrap, results.topic_for(cfg, 1, "ZTF"))
     expected = passed_by_filter_runs(db, 1)
     assert len(expected) > 10
     assert sorted(p.record["candid"] for p in published) == expected  # each once
@@ -179,7 +179,7 @@ def test_permissions_hold_for_a_programid_1_filter(
     streamed: tuple[Config, Any, Ingester], kafka_bootstrap: str
 ) -> None:
     cfg, db, _ = streamed
-    published = read_all(kafka_bootstrap, results.topic_for(cfg, 2))
+    published = read_all(kafka_bootstrap, results.topic_for(cfg, 2, "ZTF"))
     programid_1 = sorted(
         d["candid"] for d in db.ZTF_alerts.find({"candidate.programid": 1}, {"candid": 1})
     )
@@ -197,8 +197,8 @@ def test_filters_without_stream_publish_nothing(
 ) -> None:
     cfg, db, _ = streamed
     assert len(passed_by_filter_runs(db, 3)) == len(passed_by_filter_runs(db, 4)) == 38
-    assert not topic_exists(kafka_bootstrap, results.topic_for(cfg, 3))
-    assert not topic_exists(kafka_bootstrap, results.topic_for(cfg, 4))
+    assert not topic_exists(kafka_bootstrap, results.topic_for(cfg, 3, "ZTF"))
+    assert not topic_exists(kafka_bootstrap, results.topic_for(cfg, 4, "ZTF"))
     assert db.results_outbox.count_documents({}) == 0  # committed records are cleaned up
 
 
@@ -212,7 +212,7 @@ def test_disabling_stream_stops_publishing_from_the_next_batch(
     cfg = build_config([], results_env(test_environ, kafka_bootstrap, tag))
     db = MongoClient(mongo_uri)[cfg.database.db]
     db.filters.insert_one(filter_doc(1, EVERYTHING, stream=True))
-    topic = results.topic_for(cfg, 1)
+    topic = results.topic_for(cfg, 1, "ZTF")
     nights = [sorted((ZTF_ALERTS / night).glob("*.avro")) for night in ("20200202", "20231012")]
     replay(kafka_bootstrap, nights[0], suffix=f"_{tag}", progress=False)
     Ingester(cfg, dask_client, kafka_bootstrap, ["ZTF"], group=f"g-{tag}").run(until_idle=4.0)
@@ -233,6 +233,16 @@ def test_schema_file_documents_every_field() -> None:
         assert item.get("doc"), item["name"]
     readme = (ROOT / "README.md").read_text()
     assert all(f"`{item['name']}`" in readme for item in schema["fields"])
+
+
+def test_topic_template(test_environ: dict[str, str]) -> None:
+    cfg = build_config([], test_environ)
+    assert results.topic_for(cfg, 7, "ZTF") == "kowalski_filter_7"
+    env = {**test_environ, "KOWALSKI__kafka__results_topic": "kowalski_{survey}_passes"}
+    assert results.topic_for(build_config([], env), 7, "ZTF") == "kowalski_ztf_passes"
+    for bad in ("kowalski_passes", "kowalski_{filter}"):
+        with pytest.raises(ConfigError, match="results_topic"):
+            build_config([], {**test_environ, "KOWALSKI__kafka__results_topic": bad})
 
 
 def test_stream_option_values() -> None:
@@ -327,7 +337,7 @@ def test_exactly_once_across_kills(
     process_env: tuple[dict[str, str], Config, Any, str], kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     env, cfg, db, _ = process_env
-    topic, log = results.topic_for(cfg, 1), tmp_path / "ingester.log"
+    topic, log = results.topic_for(cfg, 1, "ZTF"), tmp_path / "ingester.log"
 
     def committed() -> list[Published]:
         return read_all(kafka_bootstrap, topic)
@@ -367,7 +377,7 @@ def test_without_transactions_at_least_once_with_dedup_header(
         -3000:
     ]
     assert run_ingester_process(env, log, None) == 0, log.read_text()[-3000:]
-    final = read_all(kafka_bootstrap, results.topic_for(cfg, 1))
+    final = read_all(kafka_bootstrap, results.topic_for(cfg, 1, "ZTF"))
     expected = passed_by_filter_runs(db, 1)
     assert len(final) > len(expected)  # the batch produced before the kill came again
     unique = {p.headers[results.DEDUP_HEADER]: p.record["candid"] for p in final}
