@@ -4,13 +4,19 @@
 from __future__ import annotations
 
 import os
+import sys
 
-from kowalski.config import load_config_or_exit
+from kowalski.config import ConfigError, check_secrets, load_config_or_exit
 from kowalski.services.api import gunicorn_command
 
 
 def main() -> None:
     cfg = load_config_or_exit()
+    try:
+        check_secrets(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     cmd = gunicorn_command(cfg, cfg.server.host, cfg.server.port)
     os.execv(cmd[0], cmd)
 

@@ -12,10 +12,11 @@ from aiohttp import web
 from pymongo.errors import DuplicateKeyError
 
 from api import classifications, cutouts, filters, openapi, queries, skymap, triggers, users
-from api.auth import UserCache, auth_post, hash_password
+from api.auth import UserCache, auth_post, hash_password, new_uid
 from api.middlewares import auth_middleware, error_middleware
+from api.queries import QUERY_SLOTS, QuerySlots
 from api.responses import success
-from kowalski.config import Config, load_config
+from kowalski.config import Config, check_secrets, default_secrets, load_config
 from kowalski.db import async_client, create_index, ensure_indexes
 
 log = logging.getLogger("kowalski.api")
@@ -37,6 +38,8 @@ async def ensure_admin(app: web.Application) -> None:
                 "_id": cfg.server.admin_username,
                 "email": cfg.server.contact.email,
                 "password": hash_password(cfg.server.admin_password),
+                "uid": new_uid(),
+                "token_generation": 0,
                 "permissions": {},
                 "admin": True,
                 "last_modified": dt.datetime.now(dt.UTC).replace(tzinfo=None),
@@ -46,11 +49,8 @@ async def ensure_admin(app: web.Application) -> None:
 
 async def database_context(app: web.Application) -> AsyncIterator[None]:
     cfg: Config = app["config"]
-    if cfg.server.admin_password == "admin" or cfg.server.JWT_SECRET_KEY == "abc0123":
-        log.warning(
-            "default admin password or JWT secret in use: set KOWALSKI_ADMIN_PASSWORD and "
-            "KOWALSKI_JWT_SECRET_KEY (or server.* in config.yaml) before exposing this API"
-        )
+    if default_secrets(cfg):
+        log.warning("insecure_dev: serving with default %s", " and ".join(default_secrets(cfg)))
     client = async_client(cfg)
     app["mongo"] = client
     app["db"] = client[cfg.database.db]
@@ -71,6 +71,7 @@ def routes(app: web.Application) -> None:
     app.router.add_post("/api/users", users.users_post)
     app.router.add_put("/api/users/{username}", users.users_put)
     app.router.add_delete("/api/users/{username}", users.users_delete)
+    app.router.add_post("/api/users/{username}/revoke", users.users_revoke)
     app.router.add_post("/api/queries", queries.queries_post)
     app.router.add_post("/api/filters", filters.filters_post)
     app.router.add_patch("/api/filters", filters.filters_patch)
@@ -99,6 +100,7 @@ def routes(app: web.Application) -> None:
 
 async def app_factory(cfg: Config | None = None) -> web.Application:
     cfg = cfg or load_config()
+    check_secrets(cfg)
     logging.basicConfig(
         level=cfg.misc.logging_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -108,6 +110,7 @@ async def app_factory(cfg: Config | None = None) -> web.Application:
     )
     app["config"] = cfg
     app["user_cache"] = UserCache()
+    app[QUERY_SLOTS] = QuerySlots(cfg.misc.max_concurrent_queries)
     app.cleanup_ctx.append(database_context)
     routes(app)
     return app

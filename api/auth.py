@@ -1,14 +1,20 @@
 """Authentication and authorization: JWT tokens, bcrypt passwords, users' program permissions.
 
-Better than upstream: `exp` is a real numeric claim (expiry works); tokens issued before a user's
-password change or deletion stop working; admins are any user with `admin: true` (plus the
-configured superuser); every user carries the ZTF programids they may see.
+Better than upstream: `exp` is a real numeric claim (expiry works when configured; the default,
+as upstream, is tokens that do not expire); every token carries `iat`, the user's id (`uid`, new
+for every created user) and the user's token generation (`gen`): a password change, an admin's
+`POST /api/users/{username}/revoke`, deleting or renaming the user all invalidate earlier tokens
+(within USER_CACHE_SECONDS in every worker), and tokens without these claims are refused.
+Admins are any user with `admin: true` (plus the configured superuser); every user carries the
+ZTF programids they may see.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,24 +23,28 @@ from typing import Any
 import bcrypt
 import jwt
 from aiohttp import web
-from bson import json_util
+from aiohttp.http_exceptions import HttpProcessingError
 
 from api.responses import BadRequest, Forbidden, Unauthorized, json_response
+from api.safety import parse_json
 from kowalski.config import Config
 
 PUBLIC_PROGRAMIDS = [1]
 ALL_PROGRAMIDS = [0, 1, 2, 3]
 USER_CACHE_SECONDS = 5.0
+REQUIRED_CLAIMS = ["user_id", "iat", "uid", "gen"]
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = logging.getLogger("kowalski.api")
 
 
 @dataclass(frozen=True)
 class User:
     username: str
     admin: bool
+    uid: str = ""
+    generation: int = 0
     programids: dict[str, list[int]] = field(default_factory=dict)
-    tokens_valid_after: float = 0.0
 
     def allowed_programids(self, survey: str = "ZTF") -> list[int]:
         if self.admin:
@@ -56,6 +66,11 @@ def check_password(password: str, hashed: str) -> bool:
         return False
 
 
+def new_uid() -> str:
+    """A user id that is never reused: a re-created (or renamed) user gets a new one."""
+    return secrets.token_hex(12)
+
+
 def user_from_doc(doc: dict[str, Any], cfg: Config) -> User:
     permissions = doc.get("permissions") or {}
     programids = {
@@ -66,15 +81,18 @@ def user_from_doc(doc: dict[str, Any], cfg: Config) -> User:
     return User(
         username=doc["_id"],
         admin=bool(doc.get("admin")) or doc["_id"] == cfg.server.admin_username,
+        uid=str(doc.get("uid") or ""),
+        generation=int(doc.get("token_generation") or 0),
         programids=programids,
-        tokens_valid_after=float(doc.get("tokens_valid_after", 0.0)),
     )
 
 
-def issue_token(cfg: Config, username: str) -> str:
+def issue_token(cfg: Config, user: User) -> str:
     now = dt.datetime.now(dt.UTC)
     payload: dict[str, Any] = {
-        "user_id": username,
+        "user_id": user.username,
+        "uid": user.uid,
+        "gen": user.generation,
         "created_at": now.strftime("%Y-%m-%dT%H:%M:%S.%f"),
         "iat": int(now.timestamp()),
     }
@@ -90,7 +108,7 @@ def token_from_header(header: str) -> str:
         return parts[1]
     if len(parts) == 1:
         return parts[0]
-    raise BadRequest("token is invalid: expected 'Authorization: Bearer <token>'")
+    raise Unauthorized("token is invalid: expected 'Authorization: Bearer <token>'")
 
 
 def decode_token(cfg: Config, token: str) -> dict[str, Any]:
@@ -99,17 +117,20 @@ def decode_token(cfg: Config, token: str) -> dict[str, Any]:
             token,
             cfg.server.JWT_SECRET_KEY,
             algorithms=[cfg.server.JWT_ALGORITHM],
-            options={"require": ["user_id"]},
+            options={"require": REQUIRED_CLAIMS},
         )
     except jwt.ExpiredSignatureError:
-        raise BadRequest("token has expired: request a new one at /api/auth") from None
+        raise Unauthorized("token has expired: request a new one at /api/auth") from None
+    except jwt.MissingRequiredClaimError as exc:
+        raise Unauthorized(f"token is invalid: {exc}; request a new one at /api/auth") from None
     except jwt.PyJWTError:
-        raise BadRequest("token is invalid") from None
+        raise Unauthorized("token is invalid") from None
 
 
 class UserCache:
-    """Users looked up per request, kept a few seconds per process (permission changes,
-    password changes and deletions take effect within USER_CACHE_SECONDS)."""
+    """Users kept USER_CACHE_SECONDS per process, so that authentication does not read the
+    database on every request; permission changes and revocations take effect within that time
+    in every worker (at once in the worker that made them)."""
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, User | None]] = {}
@@ -139,19 +160,17 @@ async def authenticate(request: web.Request) -> User | None:
     cfg: Config = request.app["config"]
     payload = decode_token(cfg, token_from_header(header))
     user = await request.app["user_cache"].get(request, str(payload["user_id"]))
-    if user is None:
-        raise Unauthorized("Unauthorized: the user of this token no longer exists")
-    if float(payload.get("iat", 0)) < user.tokens_valid_after:
-        raise Unauthorized("Unauthorized: token revoked (password changed); request a new one")
+    if user is None or not user.uid or payload["uid"] != user.uid:
+        raise Unauthorized("the user of this token no longer exists")
+    if payload["gen"] != user.generation:
+        raise Unauthorized("token revoked (password changed or revoked by an admin)")
     return user
 
 
 def current_user(request: web.Request) -> User:
     user: User | None = request.get("user")
     if user is None:
-        raise Unauthorized(
-            "Unauthorized: authentication required (header 'Authorization: Bearer <token>')"
-        )
+        raise Unauthorized("authentication required (header 'Authorization: Bearer <token>')")
     return user
 
 
@@ -167,21 +186,48 @@ def admin_required(handler: Handler) -> Handler:
     return wrapped
 
 
+async def body_text(request: web.Request) -> str:
+    """The request body decoded with its declared charset (default UTF-8)."""
+    raw = await request.read()
+    charset = request.charset or "utf-8"
+    try:
+        return raw.decode(charset)
+    except LookupError:
+        raise BadRequest(f"unknown charset {charset!r} in Content-Type") from None
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"request body is not valid {charset}: {exc.reason}") from None
+
+
+async def form_body(request: web.Request) -> dict[str, Any]:
+    try:
+        return dict(await request.post())
+    except (ValueError, LookupError, AssertionError, KeyError, HttpProcessingError) as exc:
+        raise BadRequest(f"malformed {request.content_type} body: {exc}") from None
+
+
 async def read_body(request: web.Request) -> dict[str, Any]:
     """JSON body (form data accepted too, as upstream); always a mapping."""
     if request.content_type in FORM_TYPES:
-        body = dict(await request.post())
+        body = await form_body(request)
     else:
-        text = await request.text()
+        text = await body_text(request)
         if not text.strip():
             return {}
-        try:
-            body = json_util.loads(text)
-        except ValueError as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        body = parse_json(text, "request body")
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body
+
+
+async def ensure_uid(request: web.Request, doc: dict[str, Any]) -> dict[str, Any]:
+    """Users stored before token ids existed get one at their next login."""
+    if doc.get("uid"):
+        return doc
+    cfg: Config = request.app["config"]
+    users = request.app["db"][cfg.database.collections["users"]]
+    await users.update_one({"_id": doc["_id"], "uid": None}, {"$set": {"uid": new_uid()}})
+    request.app["user_cache"].invalidate(doc["_id"])
+    return await users.find_one({"_id": doc["_id"]}, {"password": 0}) or doc
 
 
 async def auth_post(request: web.Request) -> web.Response:
@@ -200,5 +246,6 @@ async def auth_post(request: web.Request) -> web.Response:
     hashed = doc.get("password", "") if doc else ""
     ok = await asyncio.get_running_loop().run_in_executor(None, check_password, password, hashed)
     if not doc or not ok:
-        raise Unauthorized("Unauthorized: wrong username or password")
-    return json_response({"status": "success", "token": issue_token(cfg, username)})
+        raise Unauthorized("wrong username or password")
+    user = user_from_doc(await ensure_uid(request, doc), cfg)
+    return json_response({"status": "success", "token": issue_token(cfg, user)})

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from api.auth import current_user
+from api.policy import data_rights
 from api.responses import BadRequest, NotFound, path_int
 from kowalski.config import Config
 from kowalski.fits import read_stamp
@@ -131,9 +131,10 @@ async def cutout_get(request: web.Request) -> web.Response:
     if not collection:
         raise BadRequest(f"no alert collection configured for {survey.key}")
     field = survey.cutout_field(cutout)
-    flt: dict[str, Any] = {survey.detection_key: path_int(request, "candid")}
-    if survey.programid_rights:
-        flt["candidate.programid"] = {"$in": current_user(request).allowed_programids(survey.name)}
+    flt: dict[str, Any] = {
+        survey.detection_key: path_int(request, "candid"),
+        **(data_rights(request).document_clause(collection) or {}),
+    }
     doc = await request.app["db"][collection].find_one(flt, {field: 1})
     if doc is None or not doc.get(field):
         raise NotFound(f"no {cutout} cutout for {survey.key} candid {flt[survey.detection_key]}")

@@ -14,7 +14,7 @@ from pymongo.errors import PyMongoError
 
 from api.auth import admin_required, read_body
 from api.responses import BadRequest, NotFound, path_int, success
-from api.safety import check_safe
+from api.safety import check_filter_pipeline
 from kowalski.config import Config
 from kowalski.filtering import (
     FilterError,
@@ -74,7 +74,7 @@ def user_pipeline(value: Any, field: str = "pipeline") -> list[dict[str, Any]]:
         pipeline = parse_pipeline(value, field)
     except FilterError as exc:
         raise BadRequest(str(exc)) from None
-    check_safe(pipeline, field)
+    check_filter_pipeline(pipeline, field)
     return pipeline
 
 

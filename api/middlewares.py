@@ -14,7 +14,8 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 
-from api.auth import Handler, authenticate, current_user
+from api.auth import Handler, authenticate
+from api.policy import data_rights
 from api.responses import ApiError, error
 
 log = logging.getLogger("kowalski.api")
@@ -32,7 +33,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return error(exc.message, exc.status)
+        if exc.reason is not None:
+            log.info(
+                "%s %s: %d %s: %s",
+                request.method,
+                request.path,
+                exc.status,
+                exc.message,
+                exc.reason,
+            )
+        return error(exc.message, exc.status, exc.reason)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -63,7 +73,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route but the public ones needs a valid token; public routes (`/api/auth`, the
+    docs) ignore the Authorization header, so a stale token never stands in the way."""
+    if is_public(request.path):
+        request["user"] = None
+        return await handler(request)
     request["user"] = await authenticate(request)
-    if not is_public(request.path):
-        current_user(request)
+    data_rights(request)  # one data-rights object per request, built from the user
     return await handler(request)

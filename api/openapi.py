@@ -109,6 +109,10 @@ def spec(cfg: Config) -> dict[str, Any]:
                 "put": _op("Edit a user (admin)", obj),
                 "delete": _op("Remove a user (admin)"),
             },
+            "/api/users/{username}/revoke": {
+                "parameters": [_path_param("username", {"type": "string"})],
+                "post": _op("Revoke every token issued to a user so far (admin)"),
+            },
             "/api/queries": {
                 "post": _op(
                     "Run a query",

@@ -1,35 +1,103 @@
 """POST /api/queries: find, find_one, count_documents, estimated_document_count, aggregate, info,
 cone_search, near, skymap, drop, with upstream request/response shapes.
 
-Better than upstream: per-user ZTF programid permissions on alerts and their history; JavaScript
-and write operators refused at any depth; `drop` admin-only; `find_one` honours `projection`;
-`count_documents` honours skip/limit; cone/near searches run concurrently; large results stream.
+Better than upstream: per-user ZTF programid permissions on alerts and their history, applied
+before the user's filter and stages in every query type (`api/policy.py`); JavaScript, write and
+administration operators refused at any depth, and regular expressions with nested quantifiers;
+all input validated before the first database call; every database call bounded by a wall-clock
+deadline of `max_time_ms` (plus a small grace) on the API side, whatever the server does with
+`maxTimeMS`; at most `misc.max_concurrent_queries` queries per user at a time per worker;
+`drop` admin-only; `find_one` honours `projection`; `count_documents` honours skip/limit;
+cone/near searches run concurrently; large results stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
-from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
-from api.auth import User, current_user, read_body
-from api.responses import BadRequest, Forbidden, NotFound, stream_list, success
-from api.safety import check_safe, parse_json_arg, referenced_collections
+from api.auth import read_body
+from api.policy import DataRights, data_rights
+from api.responses import BadRequest, Forbidden, NotFound, TooManyRequests, stream_list, success
+from api.safety import check_safe, parse_json_arg
 from kowalski import cones
 from kowalski.config import Config
 from kowalski.coords import RADIUS_TO_RAD, cone_clause, parse_dec, parse_ra
-from kowalski.db import system_collection_names
 
 MESSAGE = "Successfully executed query"
 STREAM_AFTER = 500  # documents: larger results are streamed
 CONE_CONCURRENCY = 16
 EARTH_RADIUS_M = 6378100.0  # MongoDB's sphere for GeoJSON distances
+DEADLINE_GRACE_S = 0.5  # the server's own maxTimeMS usually answers first
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """`kwargs`, validated once before anything runs."""
+
+    max_time_ms: int
+    skip: int | None = None
+    limit: int | None = None
+    sort: list[tuple[str, int]] | None = None
+    hint: Any = None
+    allow_disk_use: bool = True
+    filter_first: bool = False
+
+    @property
+    def per_object(self) -> bool:
+        return any(v is not None for v in (self.skip, self.limit, self.sort, self.hint))
+
+    def paging(self) -> dict[str, Any]:
+        """skip / limit / hint as given."""
+        options: dict[str, Any] = {}
+        if self.skip is not None:
+            options["skip"] = self.skip
+        if self.limit is not None:
+            options["limit"] = self.limit
+        if self.hint is not None:
+            options["hint"] = self.hint
+        return options
+
+
+def count_kwarg(kwargs: dict[str, Any], name: str) -> int | None:
+    value = kwargs.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise BadRequest(f"kwargs.{name} must be a non-negative integer")
+    return value
+
+
+def parse_options(kwargs: dict[str, Any], cfg: Config) -> QueryOptions:
+    max_time_ms = kwargs.get("max_time_ms", cfg.misc.max_time_ms)
+    if (
+        isinstance(max_time_ms, bool)
+        or not isinstance(max_time_ms, int | float)
+        or not math.isfinite(max_time_ms)
+        or not 1 <= max_time_ms < 2**31
+    ):
+        raise BadRequest("kwargs.max_time_ms must be a positive number of milliseconds")
+    hint = kwargs.get("hint")
+    if hint is not None and not isinstance(hint, str):
+        hint = parse_sort(hint, field="hint")
+    return QueryOptions(
+        max_time_ms=int(max_time_ms),
+        skip=count_kwarg(kwargs, "skip"),
+        limit=count_kwarg(kwargs, "limit"),
+        sort=parse_sort(kwargs.get("sort")),
+        hint=hint,
+        allow_disk_use=bool(kwargs.get("allowDiskUse", True)),
+        filter_first=bool(kwargs.get("filter_first", False)),
+    )
 
 
 @dataclass
@@ -37,51 +105,37 @@ class QueryContext:
     request: web.Request
     cfg: Config
     db: AsyncDatabase[dict[str, Any]]
-    user: User
-    kwargs: dict[str, Any]
+    rights: DataRights
+    options: QueryOptions
 
     @property
     def max_time_ms(self) -> int:
-        value = self.kwargs.get("max_time_ms", self.cfg.misc.max_time_ms)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 1:
-            raise BadRequest("kwargs.max_time_ms must be a positive number of milliseconds")
-        return int(value)
-
-    def count_kw(self, name: str) -> int | None:
-        value = self.kwargs.get(name)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise BadRequest(f"kwargs.{name} must be a non-negative integer")
-        return value
+        return self.options.max_time_ms
 
     @property
-    def sort(self) -> list[tuple[str, int]] | None:
-        return parse_sort(self.kwargs.get("sort"))
-
-    @property
-    def hint(self) -> Any:
-        hint = self.kwargs.get("hint")
-        if hint is None or isinstance(hint, str):
-            return hint
-        return parse_sort(hint, field="hint")
-
-    def paging(self) -> dict[str, Any]:
-        """skip / limit / hint as given (validated)."""
-        options: dict[str, Any] = {}
-        for name in ("skip", "limit"):
-            if (value := self.count_kw(name)) is not None:
-                options[name] = value
-        if (hint := self.hint) is not None:
-            options["hint"] = hint
-        return options
+    def comment(self) -> str:
+        return self.rights.user.username
 
     def cursor_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"max_time_ms": self.max_time_ms, "comment": self.user.username}
-        options.update(self.paging())
-        if (sort := self.sort) is not None:
-            options["sort"] = sort
+        options: dict[str, Any] = {"max_time_ms": self.max_time_ms, "comment": self.comment}
+        options.update(self.options.paging())
+        if self.options.sort is not None:
+            options["sort"] = self.options.sort
         return options
+
+    def aggregate_options(self) -> dict[str, Any]:
+        return {"maxTimeMS": self.max_time_ms, "comment": self.comment}
+
+    async def bounded(self, work: Awaitable[T]) -> T:
+        """`work` (one database call) cancelled at the query's wall-clock deadline, so the API
+        answers 400 even when the server does not honour maxTimeMS in time."""
+        try:
+            async with asyncio.timeout(self.max_time_ms / 1000 + DEADLINE_GRACE_S) as deadline:
+                return await work
+        except TimeoutError:
+            if deadline.expired():
+                raise BadRequest(f"query exceeded max_time_ms ({self.max_time_ms} ms)") from None
+            raise
 
 
 def parse_sort(value: Any, field: str = "sort") -> list[tuple[str, int]] | None:
@@ -109,83 +163,6 @@ def parse_sort(value: Any, field: str = "sort") -> list[tuple[str, int]] | None:
     return out
 
 
-# ------------------------------------------------------------------ catalogs and permissions
-
-
-def restricted_kind(cfg: Config, catalog: str) -> str | None:
-    """'alerts' / 'aux' for the ZTF collections whose content depends on programid."""
-    collections = cfg.database.collections
-    if catalog == collections.get("alerts_ztf"):
-        return "alerts"
-    if catalog == collections.get("alerts_ztf_aux"):
-        return "aux"
-    return None
-
-
-def check_catalog(ctx: QueryContext, catalog: Any, field: str = "query.catalog") -> str:
-    if not isinstance(catalog, str) or not catalog:
-        raise BadRequest(f"{field} must be a collection name")
-    if catalog.startswith("system.") or "$" in catalog:
-        raise BadRequest(f"{field}: invalid collection name {catalog!r}")
-    if catalog in system_collection_names(ctx.cfg) and not ctx.user.admin:
-        raise Forbidden(f"Forbidden: {catalog} is a protected collection")
-    return catalog
-
-
-def programid_clause(ctx: QueryContext) -> dict[str, Any]:
-    return {"candidate.programid": {"$in": ctx.user.allowed_programids("ZTF")}}
-
-
-def history_stage(ctx: QueryContext) -> dict[str, Any]:
-    """$set stage keeping only permitted items of an aux document's history arrays."""
-    allowed = ctx.user.allowed_programids("ZTF")
-
-    def keep(array: str) -> dict[str, Any]:
-        return {
-            "$cond": [
-                {"$isArray": f"${array}"},
-                {
-                    "$filter": {
-                        "input": f"${array}",
-                        "as": "item",
-                        "cond": {"$in": ["$$item.programid", allowed]},
-                    }
-                },
-                f"${array}",
-            ]
-        }
-
-    return {"$set": {"prv_candidates": keep("prv_candidates"), "fp_hists": keep("fp_hists")}}
-
-
-def restrict_filter(ctx: QueryContext, catalog: str, flt: dict[str, Any]) -> dict[str, Any]:
-    if restricted_kind(ctx.cfg, catalog) == "alerts" and not ctx.user.sees_everything():
-        return {"$and": [flt, programid_clause(ctx)]} if flt else programid_clause(ctx)
-    return flt
-
-
-def restrict_pipeline(ctx: QueryContext, catalog: str, pipeline: list[Any]) -> list[Any]:
-    if ctx.user.admin:
-        return pipeline
-    protected = system_collection_names(ctx.cfg)
-    for target in referenced_collections(pipeline):
-        if target in protected:
-            raise Forbidden(f"Forbidden: {target} is a protected collection")
-        if restricted_kind(ctx.cfg, target) and not ctx.user.sees_everything():
-            raise Forbidden(
-                f"Forbidden: joining {target} needs access to every ZTF programid; "
-                f"query {target} directly instead"
-            )
-    if ctx.user.sees_everything():
-        return pipeline
-    kind = restricted_kind(ctx.cfg, catalog)
-    if kind == "alerts":
-        return [{"$match": programid_clause(ctx)}, *pipeline]
-    if kind == "aux":
-        return [history_stage(ctx), *pipeline]
-    return pipeline
-
-
 def get_filter(query: dict[str, Any], required: bool = True) -> dict[str, Any]:
     if "filter" not in query:
         if required:
@@ -208,15 +185,43 @@ def get_projection(query: dict[str, Any], field: str = "query.projection") -> di
     return projection
 
 
+def get_pipeline(ctx: QueryContext, query: dict[str, Any]) -> list[dict[str, Any]]:
+    pipeline = parse_json_arg(query.get("pipeline"), "query.pipeline")
+    if not isinstance(pipeline, list) or not pipeline:
+        raise BadRequest("query.pipeline must be a non-empty list of stages")
+    if not all(isinstance(stage, dict) and len(stage) == 1 for stage in pipeline):
+        raise BadRequest("query.pipeline: each stage must be an object with exactly one operator")
+    check_safe(pipeline, "query.pipeline")
+    if any("$unionWith" in stage for stage in pipeline):
+        raise Forbidden("Forbidden: query.pipeline uses $unionWith, which queries may not use")
+    ctx.rights.check_joins(pipeline)
+    return pipeline
+
+
 # ------------------------------------------------------------------ result helpers
 
 
-async def respond_cursor(ctx: QueryContext, cursor: Any) -> web.StreamResponse:
+async def first_batch(cursor: Any) -> tuple[list[Any], bool]:
+    """Up to STREAM_AFTER + 1 documents, and whether there are more."""
     first: list[Any] = []
     async for doc in cursor:
         first.append(doc)
         if len(first) > STREAM_AFTER:
-            return await stream_list(ctx.request, MESSAGE, first, cursor)
+            return first, True
+    return first, False
+
+
+async def respond_cursor(ctx: QueryContext, cursor: Awaitable[Any]) -> web.StreamResponse:
+    """The first batch within the deadline; beyond it, the rest streams (bounded per batch by
+    the server's maxTimeMS)."""
+
+    async def opened() -> tuple[Any, list[Any], bool]:
+        c = await cursor
+        return (c, *await first_batch(c))
+
+    opened_cursor, first, more = await ctx.bounded(opened())
+    if more:
+        return await stream_list(ctx.request, MESSAGE, first, opened_cursor)
     return success(MESSAGE, first)
 
 
@@ -234,83 +239,128 @@ def paging_stages(options: dict[str, Any]) -> list[dict[str, Any]]:
 
 async def find_docs(
     ctx: QueryContext,
-    coll: AsyncCollection[dict[str, Any]],
+    catalog: str,
     flt: dict[str, Any],
     projection: dict[str, Any] | None,
     one: bool = False,
 ) -> Any:
-    """A cursor (or list) over `coll` honouring permissions; aux history is filtered server-side."""
+    """A cursor over `catalog` seeing only what the user may see: the restriction first, then
+    `flt`, paging and `projection`."""
     options = ctx.cursor_options()
     if one:
         options["limit"] = 1
-    if restricted_kind(ctx.cfg, coll.name) == "aux" and not ctx.user.sees_everything():
-        pipeline: list[dict[str, Any]] = [{"$match": flt}, history_stage(ctx), {"$match": flt}]
-        pipeline += paging_stages(options)
+    coll = ctx.db[catalog]
+    if ctx.rights.needs_pipeline(catalog):
+        pipeline = ctx.rights.pipeline(catalog, flt) + paging_stages(options)
         if projection:
             pipeline.append({"$project": projection})
-        agg_options: dict[str, Any] = {
-            "maxTimeMS": options["max_time_ms"],
-            "comment": options["comment"],
-        }
+        agg_options = ctx.aggregate_options()
         if "hint" in options:
             agg_options["hint"] = options["hint"]
         return await coll.aggregate(pipeline, **agg_options)
-    return coll.find(restrict_filter(ctx, coll.name, flt), projection, **options)
+    return coll.find(ctx.rights.find_filter(catalog, flt), projection, **options)
+
+
+async def find_list(
+    ctx: QueryContext, catalog: str, flt: dict[str, Any], projection: dict[str, Any] | None
+) -> list[Any]:
+    async def run() -> list[Any]:
+        return list(await (await find_docs(ctx, catalog, flt, projection)).to_list())
+
+    return await ctx.bounded(run())
+
+
+async def permitted_count(ctx: QueryContext, catalog: str, flt: dict[str, Any]) -> int:
+    """Documents of `catalog` matching `flt` among those the user may see (skip/limit apply)."""
+    coll = ctx.db[catalog]
+    paging = {k: v for k, v in ctx.options.paging().items()}
+    if ctx.rights.needs_pipeline(catalog):
+        stages = ctx.rights.pipeline(catalog, flt) + paging_stages(paging)
+        stages.append({"$group": {"_id": None, "n": {"$sum": 1}}})
+
+        async def run() -> list[Any]:
+            return list(await (await coll.aggregate(stages, **ctx.aggregate_options())).to_list())
+
+        counted = await ctx.bounded(run())
+        return int(counted[0]["n"]) if counted else 0
+    options = {"maxTimeMS": ctx.max_time_ms, "comment": ctx.comment, **paging}
+    return await ctx.bounded(coll.count_documents(ctx.rights.find_filter(catalog, flt), **options))
 
 
 # ------------------------------------------------------------------ query types
 
 
 async def q_find(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    coll = ctx.db[check_catalog(ctx, query.get("catalog"))]
-    cursor = await find_docs(ctx, coll, get_filter(query), get_projection(query))
-    return await respond_cursor(ctx, cursor)
+    catalog = ctx.rights.check_catalog(query.get("catalog"))
+    flt, projection = get_filter(query), get_projection(query)
+    return await respond_cursor(ctx, find_docs(ctx, catalog, flt, projection))
 
 
 async def q_find_one(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    coll = ctx.db[check_catalog(ctx, query.get("catalog"))]
-    cursor = await find_docs(ctx, coll, get_filter(query), get_projection(query), one=True)
-    docs = await cursor.to_list()
+    catalog = ctx.rights.check_catalog(query.get("catalog"))
+    flt, projection = get_filter(query), get_projection(query)
+
+    async def run() -> list[Any]:
+        return list(await (await find_docs(ctx, catalog, flt, projection, one=True)).to_list())
+
+    docs = await ctx.bounded(run())
     return success(MESSAGE, docs[0] if docs else None)
 
 
 async def q_count_documents(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    catalog = check_catalog(ctx, query.get("catalog"))
-    options = {"maxTimeMS": ctx.max_time_ms, "comment": ctx.user.username, **ctx.paging()}
-    flt = restrict_filter(ctx, catalog, get_filter(query))
-    return success(MESSAGE, await ctx.db[catalog].count_documents(flt, **options))
+    catalog = ctx.rights.check_catalog(query.get("catalog"))
+    return success(MESSAGE, await permitted_count(ctx, catalog, get_filter(query)))
 
 
 async def q_estimated_document_count(
     ctx: QueryContext, query: dict[str, Any]
 ) -> web.StreamResponse:
-    catalog = check_catalog(ctx, query.get("catalog"))
+    catalog = ctx.rights.check_catalog(query.get("catalog"))
+    clause = ctx.rights.document_clause(catalog)
     coll = ctx.db[catalog]
-    if restricted_kind(ctx.cfg, catalog) == "alerts" and not ctx.user.sees_everything():
-        count = await coll.count_documents(programid_clause(ctx), maxTimeMS=ctx.max_time_ms)
+    if clause is not None:
+        count = await ctx.bounded(coll.count_documents(clause, maxTimeMS=ctx.max_time_ms))
     else:
-        count = await coll.estimated_document_count(maxTimeMS=ctx.max_time_ms)
+        count = await ctx.bounded(coll.estimated_document_count(maxTimeMS=ctx.max_time_ms))
     return success(MESSAGE, count)
 
 
 async def q_aggregate(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    catalog = check_catalog(ctx, query.get("catalog"))
-    pipeline = parse_json_arg(query.get("pipeline"), "query.pipeline")
-    if not isinstance(pipeline, list) or not pipeline:
-        raise BadRequest("query.pipeline must be a non-empty list of stages")
-    if not all(isinstance(stage, dict) and len(stage) == 1 for stage in pipeline):
-        raise BadRequest("query.pipeline: each stage must be an object with exactly one operator")
-    check_safe(pipeline, "query.pipeline")
-    if any("$unionWith" in stage for stage in pipeline):
-        raise Forbidden("Forbidden: query.pipeline uses $unionWith, which queries may not use")
-    allow_disk_use = ctx.kwargs.get("allowDiskUse", True)
-    cursor = await ctx.db[catalog].aggregate(
-        restrict_pipeline(ctx, catalog, pipeline),
-        allowDiskUse=bool(allow_disk_use),
-        maxTimeMS=ctx.max_time_ms,
-        comment=ctx.user.username,
+    catalog = ctx.rights.check_catalog(query.get("catalog"))
+    pipeline = ctx.rights.restriction(catalog) + get_pipeline(ctx, query)
+    cursor = ctx.db[catalog].aggregate(
+        pipeline, allowDiskUse=ctx.options.allow_disk_use, **ctx.aggregate_options()
     )
     return await respond_cursor(ctx, cursor)
+
+
+# statistics that say nothing about restricted content (sizes would reveal hidden documents)
+CONTENT_FREE_STATS = ("ns", "db", "collections", "views", "nindexes", "indexes", "capped", "ok")
+
+
+async def catalog_info(ctx: QueryContext, catalog: str) -> dict[str, Any]:
+    stats: dict[str, Any] = await ctx.bounded(ctx.db.command("collStats", catalog))
+    if not ctx.rights.restricted(catalog):
+        return stats
+    shown = {k: v for k, v in stats.items() if k in CONTENT_FREE_STATS}
+    shown["count"] = await permitted_count(ctx, catalog, {})
+    return shown
+
+
+async def db_info(ctx: QueryContext) -> dict[str, Any]:
+    stats: dict[str, Any] = await ctx.bounded(ctx.db.command("dbStats"))
+    restricted = [
+        name for name in (await ctx.db.list_collection_names()) if ctx.rights.restricted(name)
+    ]
+    if not restricted:
+        return stats
+    shown = {k: v for k, v in stats.items() if k in CONTENT_FREE_STATS}
+    hidden = 0
+    for name in restricted:
+        total = await ctx.bounded(ctx.db[name].count_documents({}, maxTimeMS=ctx.max_time_ms))
+        hidden += total - await permitted_count(ctx, name, {})
+    shown["objects"] = int(stats.get("objects", 0)) - hidden
+    return shown
 
 
 async def q_info(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
@@ -318,20 +368,20 @@ async def q_info(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse
     if not isinstance(command, str):
         command = None
     if command == "catalog_names":
-        hidden = set() if ctx.user.admin else system_collection_names(ctx.cfg)
+        hidden = set() if ctx.rights.admin else ctx.rights.protected
         names = [
             n
-            for n in await ctx.db.list_collection_names()
+            for n in await ctx.bounded(ctx.db.list_collection_names())
             if n not in hidden and not n.startswith("system.")
         ]
         return success(MESSAGE, sorted(names, reverse=True))
     if command == "db_info":
-        return success(MESSAGE, await ctx.db.command("dbStats"))
+        return success(MESSAGE, await db_info(ctx))
     if command in ("catalog_info", "index_info"):
-        catalog = check_catalog(ctx, query.get("catalog"))
+        catalog = ctx.rights.check_catalog(query.get("catalog"))
         if command == "index_info":
-            return success(MESSAGE, await ctx.db[catalog].index_information())
-        return success(MESSAGE, await ctx.db.command("collStats", catalog))
+            return success(MESSAGE, await ctx.bounded(ctx.db[catalog].index_information()))
+        return success(MESSAGE, await catalog_info(ctx, catalog))
     raise BadRequest(
         "query.command must be one of catalog_names, catalog_info, index_info, db_info"
     )
@@ -344,7 +394,7 @@ def parse_radec(value: Any) -> dict[str, tuple[float, float]]:
         if text[:1] in "[{(":
             try:
                 value = json.loads(text.replace("(", "[").replace(")", "]"))
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:
                 raise BadRequest(f"radec: cannot parse {text!r}: {exc}") from None
         else:
             parts = text.replace(",", " ").split()
@@ -370,8 +420,13 @@ def parse_radec(value: Any) -> dict[str, tuple[float, float]]:
 def radius_in_rad(value: Any, unit: Any, field: str) -> float:
     if not isinstance(unit, str) or unit not in RADIUS_TO_RAD:
         raise BadRequest(f"{field} unit must be one of {sorted(RADIUS_TO_RAD)}, got {unit!r}")
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise BadRequest(f"{field} must be a non-negative number")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise BadRequest(f"{field} must be a finite non-negative number")
     return float(value) * RADIUS_TO_RAD[unit]
 
 
@@ -381,7 +436,7 @@ def get_catalogs(ctx: QueryContext, query: dict[str, Any]) -> dict[str, dict[str
         raise BadRequest("query.catalogs must be an object {catalog: {filter, projection}}")
     out = {}
     for name, spec in catalogs.items():
-        check_catalog(ctx, name, f"query.catalogs.{name}")
+        ctx.rights.check_catalog(name, f"query.catalogs.{name}")
         spec = spec or {}
         if not isinstance(spec, dict):
             raise BadRequest(f"query.catalogs.{name} must be an object")
@@ -392,11 +447,13 @@ def get_catalogs(ctx: QueryContext, query: dict[str, Any]) -> dict[str, dict[str
     return out
 
 
+PositionalRun = Callable[[str, dict[str, Any], float, float], Awaitable[list[Any]]]
+
+
 async def gather_positional(
-    ctx: QueryContext,
     catalogs: dict[str, dict[str, Any]],
     objects: dict[str, tuple[float, float]],
-    run: Callable[[str, dict[str, Any], float, float], Awaitable[list[Any]]],
+    run: PositionalRun,
 ) -> dict[str, dict[str, list[Any]]]:
     """Run `run(catalog, spec, ra, dec)` for every catalog x object concurrently (bounded)."""
     semaphore = asyncio.Semaphore(CONE_CONCURRENCY)
@@ -424,18 +481,16 @@ async def q_cone_search(ctx: QueryContext, query: dict[str, Any]) -> web.StreamR
     )
     objects = parse_radec(coords.get("radec"))
     catalogs = get_catalogs(ctx, query)
-    filter_first = bool(ctx.kwargs.get("filter_first", False))
-    per_object = any(ctx.kwargs.get(k) is not None for k in ("skip", "limit", "sort", "hint"))
+    filter_first = ctx.options.filter_first
 
     async def run(catalog: str, spec: dict[str, Any], ra: float, dec: float) -> list[Any]:
         cone = cone_clause(ra, dec, radius)
         user = {k: v for k, v in spec["filter"].items() if k not in cone}
         flt = {**user, **cone} if filter_first else {**cone, **user}
-        cursor = await find_docs(ctx, ctx.db[catalog], flt, spec["projection"])
-        return await cursor.to_list()
+        return await find_list(ctx, catalog, flt, spec["projection"])
 
-    if per_object:  # skip/limit/sort/hint apply to each object's query, as upstream
-        return success(MESSAGE, await gather_positional(ctx, catalogs, objects, run))
+    if ctx.options.per_object:  # skip/limit/sort/hint apply to each object's query, as upstream
+        return success(MESSAGE, await gather_positional(catalogs, objects, run))
     return success(MESSAGE, await batched_cones(ctx, catalogs, objects, radius, run))
 
 
@@ -444,7 +499,7 @@ async def batched_cones(
     catalogs: dict[str, dict[str, Any]],
     objects: dict[str, tuple[float, float]],
     radius: float,
-    run: Callable[[str, dict[str, Any], float, float], Awaitable[list[Any]]],
+    run: PositionalRun,
 ) -> dict[str, dict[str, list[Any]]]:
     """One `$or` query per catalog per chunk of objects, documents assigned back by distance
     (same results as one query per object, far fewer round trips)."""
@@ -461,7 +516,7 @@ async def batched_cones(
 
         async def find(query: dict[str, Any]) -> list[Any]:
             async with semaphore:
-                return await (await find_docs(ctx, ctx.db[catalog], query, projection)).to_list()
+                return await find_list(ctx, catalog, query, projection)
 
         matches = await cones.search(find, positions, radius, spec["filter"])
         return {
@@ -487,6 +542,10 @@ async def q_near(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse
     options = ctx.cursor_options()
 
     async def run(catalog: str, spec: dict[str, Any], ra: float, dec: float) -> list[Any]:
+        # $geoNear must come first: where the restriction rewrites documents, it and the
+        # user's filter follow it (the user's filter never sees hidden points)
+        rewritten = ctx.rights.needs_pipeline(catalog)
+        geo_query = {} if rewritten else ctx.rights.find_filter(catalog, spec["filter"])
         pipeline: list[dict[str, Any]] = [
             {
                 "$geoNear": {
@@ -496,26 +555,35 @@ async def q_near(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse
                     "spherical": True,
                     "minDistance": min_rad * EARTH_RADIUS_M,
                     "maxDistance": max_rad * EARTH_RADIUS_M,
-                    "query": restrict_filter(ctx, catalog, spec["filter"]),
+                    "query": geo_query,
                 }
             }
         ]
-        if restricted_kind(ctx.cfg, catalog) == "aux" and not ctx.user.sees_everything():
-            pipeline.append(history_stage(ctx))
+        if rewritten:
+            pipeline += ctx.rights.pipeline(catalog, spec["filter"])
         pipeline += paging_stages(options)
         pipeline.append({"$unset": "__near_distance"})
         if spec["projection"]:
             pipeline.append({"$project": spec["projection"]})
-        cursor = await ctx.db[catalog].aggregate(
-            pipeline, maxTimeMS=options["max_time_ms"], comment=options["comment"]
-        )
-        return await cursor.to_list()
 
-    return success(MESSAGE, await gather_positional(ctx, catalogs, objects, run))
+        async def fetch() -> list[Any]:
+            cursor = await ctx.db[catalog].aggregate(pipeline, **ctx.aggregate_options())
+            return list(await cursor.to_list())
+
+        return await ctx.bounded(fetch())
+
+    return success(MESSAGE, await gather_positional(catalogs, objects, run))
 
 
-async def q_skymap(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    spec = query.get("skymap")
+def plain(value: Any, field: str) -> Any:
+    """An identifier given as a plain value (string or number), never an operator object."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise BadRequest(f"{field} must be a string or a number")
+    return value
+
+
+def skymap_selector(spec: Any) -> tuple[dict[str, Any], str]:
+    """The skymaps query and the contour key for `query.skymap` (validated, no database)."""
     if not isinstance(spec, dict) or not spec.get("localization_name"):
         raise BadRequest("query.skymap.localization_name is required")
     alternatives: list[dict[str, Any]] = []
@@ -525,40 +593,41 @@ async def q_skymap(ctx: QueryContext, query: dict[str, Any]) -> web.StreamRespon
         alternatives.append({"dateobs": parse_dateobs(spec["dateobs"])})
     trigger = spec.get("trigger_id", spec.get("triggerid"))
     if trigger is not None:
-        alternatives.append({"triggerid": trigger})
+        alternatives.append({"triggerid": plain(trigger, "query.skymap.trigger_id")})
     if spec.get("aliases"):
         aliases = spec["aliases"] if isinstance(spec["aliases"], list) else [spec["aliases"]]
+        aliases = [plain(a, "query.skymap.aliases") for a in aliases]
         alternatives.append({"aliases": {"$in": aliases}})
     if not alternatives:
         raise BadRequest("query.skymap needs dateobs, trigger_id or aliases")
     contour = spec.get("contour", 90)
+    if isinstance(contour, bool) or not isinstance(contour, int) or not 0 < contour <= 100:
+        raise BadRequest("query.skymap.contour must be an integer percentage")
+    name = plain(spec["localization_name"], "query.skymap.localization_name")
+    return {"localization_name": name, "$or": alternatives}, f"contour{contour}"
+
+
+async def q_skymap(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
+    selector, contour = skymap_selector(query.get("skymap"))
+    catalog = ctx.rights.check_catalog(query.get("catalog"))
+    user_filter, projection = get_filter(query, required=False), get_projection(query)
     skymaps = ctx.db[ctx.cfg.database.collections["skymaps"]]
-    doc = await skymaps.find_one(
-        {"localization_name": spec["localization_name"], "$or": alternatives},
-        {f"contours.contour{contour}": 1},
-    )
+    doc = await ctx.bounded(skymaps.find_one(selector, {f"contours.{contour}": 1}))
     if doc is None:
         raise NotFound("skymap not found")
-    geometry = doc.get("contours", {}).get(f"contour{contour}")
+    geometry = doc.get("contours", {}).get(contour)
     if geometry is None:
-        raise BadRequest(f"ValueError: Contour level {contour} not found in skymap")
+        raise BadRequest(f"ValueError: Contour level {contour[7:]} not found in skymap")
     geo = {"type": geometry["type"], "coordinates": geometry["coordinates"]}
-    coll = ctx.db[check_catalog(ctx, query.get("catalog"))]
-    flt = {
-        "$and": [
-            get_filter(query, required=False),
-            {"coordinates.radec_geojson": {"$geoWithin": {"$geometry": geo}}},
-        ]
-    }
-    cursor = await find_docs(ctx, coll, flt, get_projection(query))
-    return await respond_cursor(ctx, cursor)
+    flt = {"$and": [user_filter, {"coordinates.radec_geojson": {"$geoWithin": {"$geometry": geo}}}]}
+    return await respond_cursor(ctx, find_docs(ctx, catalog, flt, projection))
 
 
 async def q_drop(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    catalog = check_catalog(ctx, query.get("catalog"))
-    if not ctx.user.admin:
+    catalog = ctx.rights.check_catalog(query.get("catalog"))
+    if not ctx.rights.admin:
         raise Forbidden("Forbidden: only admins may drop collections")
-    if catalog in system_collection_names(ctx.cfg):
+    if catalog in ctx.rights.protected:
         raise Forbidden(f"Forbidden: {catalog} is a protected collection")
     await ctx.db[catalog].drop()
     return success("Successfully dropped collection")
@@ -578,6 +647,37 @@ QUERY_TYPES: dict[str, Callable[[QueryContext, dict[str, Any]], Awaitable[web.St
 }
 
 
+class QuerySlots:
+    """At most `limit` queries per user at a time (per worker): one user's heavy queries cannot
+    occupy the database for everybody."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+
+    def semaphore(self, username: str) -> asyncio.Semaphore:
+        return self._semaphores.setdefault(username, asyncio.Semaphore(self.limit))
+
+    @asynccontextmanager
+    async def slot(self, username: str, wait_s: float) -> AsyncIterator[None]:
+        semaphore = self.semaphore(username)
+        try:
+            async with asyncio.timeout(wait_s):
+                await semaphore.acquire()
+        except TimeoutError:
+            raise TooManyRequests(
+                f"too many concurrent queries for user {username} (at most {self.limit}); "
+                "retry when one has finished"
+            ) from None
+        try:
+            yield
+        finally:
+            semaphore.release()
+
+
+QUERY_SLOTS = web.AppKey("query_slots", QuerySlots)
+
+
 async def queries_post(request: web.Request) -> web.StreamResponse:
     """POST /api/queries: run a query (see the OpenAPI docs for every query type)."""
     body = await read_body(request)
@@ -591,5 +691,8 @@ async def queries_post(request: web.Request) -> web.StreamResponse:
     if not isinstance(kwargs, dict):
         raise BadRequest("kwargs must be an object")
     cfg: Config = request.app["config"]
-    ctx = QueryContext(request, cfg, request.app["db"], current_user(request), kwargs)
-    return await QUERY_TYPES[query_type](ctx, query)
+    rights = data_rights(request)
+    ctx = QueryContext(request, cfg, request.app["db"], rights, parse_options(kwargs, cfg))
+    wait_s = ctx.max_time_ms / 1000 + DEADLINE_GRACE_S
+    async with request.app[QUERY_SLOTS].slot(rights.user.username, wait_s):
+        return await QUERY_TYPES[query_type](ctx, query)

@@ -14,13 +14,15 @@ CONTENT_TYPE = "application/json"
 
 
 class ApiError(Exception):
-    """An error with an HTTP status and a message that says what is wrong."""
+    """An error with an HTTP status and a message that says what is wrong (and, where clients
+    match on a fixed message, the details as `reason`)."""
 
     status = 400
 
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, status: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message if reason is None else f"{message}: {reason}")
         self.message = message
+        self.reason = reason
         if status is not None:
             self.status = status
 
@@ -30,7 +32,13 @@ class BadRequest(ApiError):
 
 
 class Unauthorized(ApiError):
+    """401 `{"status": "error", "message": "Unauthorized", "reason": …}`: the message clients
+    match on (as upstream), the reason for people and logs."""
+
     status = 401
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("Unauthorized", reason=reason)
 
 
 class Forbidden(ApiError):
@@ -43,6 +51,10 @@ class NotFound(ApiError):
 
 class Conflict(ApiError):
     status = 409
+
+
+class TooManyRequests(ApiError):
+    status = 429
 
 
 def dumps(obj: Any) -> str:
@@ -60,8 +72,11 @@ def success(message: str, data: Any = None, **extra: Any) -> web.Response:
     return json_response(body)
 
 
-def error(message: str, status: int = 400) -> web.Response:
-    return json_response({"status": "error", "message": message}, status=status)
+def error(message: str, status: int = 400, reason: str | None = None) -> web.Response:
+    body = {"status": "error", "message": message}
+    if reason is not None:
+        body["reason"] = reason
+    return json_response(body, status=status)
 
 
 async def stream_list(

@@ -1,16 +1,16 @@
-"""Users (admin only): add, edit (rename, password, permissions, admin flag), delete, list."""
+"""Users (admin only): add, edit (rename, password, permissions, admin flag), delete, list, and
+revoke all of a user's tokens (`POST /api/users/{username}/revoke`)."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import time
 from typing import Any
 
 from aiohttp import web
 from pymongo.errors import DuplicateKeyError
 
-from api.auth import admin_required, hash_password, read_body
+from api.auth import admin_required, hash_password, new_uid, read_body
 from api.responses import BadRequest, NotFound, success
 from kowalski.config import Config
 
@@ -56,6 +56,8 @@ async def users_post(request: web.Request) -> web.Response:
         "_id": username,
         "email": body.get("email"),
         "password": await _hash(password),
+        "uid": new_uid(),
+        "token_generation": 0,
         "permissions": validate_permissions(body.get("permissions")),
         "admin": bool(body.get("admin", False)),
         "last_modified": dt.datetime.now(dt.UTC).replace(tzinfo=None),
@@ -85,9 +87,9 @@ async def users_put(request: web.Request) -> web.Response:
     if doc is None:
         raise NotFound(f"user {username} not found")
     update: dict[str, Any] = {"last_modified": dt.datetime.now(dt.UTC).replace(tzinfo=None)}
-    if body.get("password"):
+    revoke = bool(body.get("password"))
+    if revoke:
         update["password"] = await _hash(str(body["password"]))
-        update["tokens_valid_after"] = time.time()
     if "permissions" in body:
         update["permissions"] = validate_permissions(body["permissions"])
     if "admin" in body:
@@ -102,14 +104,27 @@ async def users_put(request: web.Request) -> web.Response:
             raise BadRequest("cannot rename the superuser!")
         if await users.find_one({"_id": new_name}, {"_id": 1}):
             raise BadRequest(f"user {new_name} already exists")
-        await users.insert_one(
-            {**doc, **update, "_id": new_name, "tokens_valid_after": time.time()}
-        )
+        await users.insert_one({**doc, **update, "_id": new_name, "uid": new_uid()})
         await users.delete_one({"_id": username})
     else:
-        await users.update_one({"_id": username}, {"$set": update})
+        changes: dict[str, Any] = {"$set": update}
+        if revoke:
+            changes["$inc"] = {"token_generation": 1}
+        await users.update_one({"_id": username}, changes)
     request.app["user_cache"].invalidate(username)
     return success(f"edited user {username}")
+
+
+@admin_required
+async def users_revoke(request: web.Request) -> web.Response:
+    """POST /api/users/{username}/revoke: every token issued to this user so far stops working
+    (within a few seconds in every worker); the user logs in again for a new one."""
+    username = request.match_info["username"]
+    result = await _users(request).update_one({"_id": username}, {"$inc": {"token_generation": 1}})
+    if result.matched_count == 0:
+        raise NotFound(f"user {username} not found")
+    request.app["user_cache"].invalidate(username)
+    return success(f"revoked all tokens of user {username}")
 
 
 @admin_required

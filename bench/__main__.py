@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         ).start()
         env["MONGODB_URI"] = server.uri
     env["KOWALSKI__database__db"] = "kowalski_bench"
+    env["KOWALSKI__server__insecure_dev"] = "true"  # logs in as admin/admin
     try:
         cfg = build_config([], env)
         packets = [p.read_bytes() for p in PACKETS]

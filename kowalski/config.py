@@ -6,6 +6,11 @@ Environment overrides (applied in this order, later wins):
 - ``MONGODB_URI`` -> ``database.uri``,
 - ``KAFKA_BOOTSTRAP_SERVERS`` -> ``kafka.bootstrap.servers`` and ``kafka.bootstrap.test.servers``,
 - ``KOWALSKI_JWT_SECRET_KEY``, ``KOWALSKI_ADMIN_PASSWORD``, ``SKYPORTAL_TOKEN``.
+
+Default secrets: the API refuses to start with the JWT secret or admin password of
+`config.defaults.yaml` (`check_secrets`), unless `server.insecure_dev: true` says this is a
+development server; `up --local` binds 127.0.0.1 and uses a random secret kept in `var/`
+(`local_api_env`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +61,8 @@ class Server(_Strict):
     fernet_key: str
     client_max_size: int = Field(ge=1024)
     contact: Contact
+    # allow the default JWT secret / admin password (a development server nobody else reaches)
+    insecure_dev: bool = False
 
 
 class ZTFMountain(_Strict):
@@ -205,6 +213,8 @@ class Misc(_Strict):
     broker: bool
     supported_penquins_versions: list[str]
     max_time_ms: int = Field(ge=1)
+    # queries one user may run at a time in one API worker; more wait up to their max_time_ms
+    max_concurrent_queries: int = Field(default=8, ge=1)
     logging_level: Literal["debug", "info", "warning", "error"]
     openapi_validate: bool = False
 
@@ -339,3 +349,39 @@ def load_config_or_exit() -> Config:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def default_secrets(cfg: Config) -> list[str]:
+    """The settings of `cfg` that still hold the public defaults of config.defaults.yaml."""
+    defaults = _read_yaml(DEFAULTS_FILE).get("server", {})
+    return [
+        key
+        for key in ("JWT_SECRET_KEY", "admin_password")
+        if getattr(cfg.server, key) == defaults.get(key)
+    ]
+
+
+def check_secrets(cfg: Config) -> None:
+    """Refuse the public default JWT secret or admin password (anyone could forge an admin
+    token or log in) unless `server.insecure_dev` is set."""
+    found = default_secrets(cfg)
+    if found and not cfg.server.insecure_dev:
+        raise ConfigError(
+            f"refusing to serve with the default server.{' and server.'.join(found)}: set "
+            "KOWALSKI_JWT_SECRET_KEY / KOWALSKI_ADMIN_PASSWORD (or server.* in config.yaml), "
+            "or server.insecure_dev: true for a development server"
+        )
+
+
+def local_api_env(cfg: Config, var: Path) -> dict[str, str]:
+    """Environment for the API of `up --local`: a random JWT secret generated into `var/` on
+    first start and reused after (unless one is configured); the default admin password is
+    allowed because local mode binds 127.0.0.1."""
+    env = {"KOWALSKI__server__host": "127.0.0.1", "KOWALSKI__server__insecure_dev": "true"}
+    if "JWT_SECRET_KEY" in default_secrets(cfg):
+        path = var / "jwt_secret"
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(48))
+        env["KOWALSKI_JWT_SECRET_KEY"] = path.read_text().strip()
+    return env

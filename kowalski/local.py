@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from kowalski.config import ROOT, Config, load_config
+from kowalski.config import ROOT, Config, load_config, local_api_env
 from kowalski.services._process import (
     ServiceError,
     ToolMissing,
@@ -112,7 +112,8 @@ def run_local(replay: bool = True, detach: bool = False) -> int:
             env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
             say(f"Kafka at {bootstrap}")
 
-        # API
+        # API: on 127.0.0.1, with a random JWT secret kept in var/
+        env.update(local_api_env(cfg, var))
         os.environ.update(env)
         load_config.cache_clear()
         cfg = load_config()

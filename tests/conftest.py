@@ -69,6 +69,7 @@ def test_environ(mongo_uri: str, test_db_name: str) -> dict[str, str]:
         "MONGODB_URI": mongo_uri,
         "KOWALSKI__database__db": test_db_name,
         "KOWALSKI_JWT_SECRET_KEY": "test-" + uuid.uuid4().hex,
+        "KOWALSKI__server__insecure_dev": "true",  # tests log in as admin/admin
     }
 
 
