@@ -13,7 +13,7 @@ from aiohttp import web
 from pymongo.errors import PyMongoError
 
 from api.auth import admin_required, read_body
-from api.responses import BadRequest, NotFound, path_int, success
+from api.responses import BadRequest, path_int, success
 from api.safety import check_filter_pipeline
 from kowalski.config import Config
 from kowalski.filtering import (
@@ -43,6 +43,15 @@ AUTO_FOLLOWUP_KEYS = {
 SAVE_TEST_MAX_TIME_MS = 3000
 MAX_TEST_OBJECTS = 1000
 MAX_TEST_TIME_MS = 300_000
+# Messages clients match on, worded as upstream Kowalski words them.
+PRIORITY_ORDER_CLASH = (
+    "Cannot add new filter with auto_followup: existing filters with the same allocation "
+    "have priority_order set to a different value, which is unexpected"
+)
+TEST_WINDOW_TOO_LONG = (
+    "start_date and end_date must be within 1 day of each other if object_ids is not provided"
+)
+TEST_MAX_TIME_TOO_LARGE = f"max_time_ms must be less than 5 minutes (in ms: {MAX_TEST_TIME_MS})"
 
 
 def now() -> dt.datetime:
@@ -124,6 +133,20 @@ async def with_tested_pipeline(
     return {**option, "pipeline": serialize_pipeline(pipeline)}
 
 
+async def check_priority_order(request: web.Request, allocation_id: Any, order: str) -> None:
+    """Every filter with this allocation, the one being changed included, must agree on the
+    priority order (as upstream): the answer never depends on which filter holds the other one."""
+    clash = await _filters(request).find_one(
+        {
+            "auto_followup.allocation_id": allocation_id,
+            "auto_followup.priority_order": {"$nin": [order, None]},
+        },
+        {"filter_id": 1},
+    )
+    if clash:
+        raise BadRequest(PRIORITY_ORDER_CLASH)
+
+
 async def check_options(
     request: web.Request,
     doc: dict[str, Any],
@@ -150,19 +173,7 @@ async def check_options(
         if order is not None:
             if not isinstance(order, str) or order not in ("asc", "desc"):
                 raise BadRequest("auto_followup.priority_order must be 'asc' or 'desc'")
-            clash = await _filters(request).find_one(
-                {
-                    "filter_id": {"$ne": doc["filter_id"]},
-                    "auto_followup.allocation_id": auto_followup.get("allocation_id"),
-                    "auto_followup.priority_order": {"$nin": [order, None]},
-                },
-                {"filter_id": 1},
-            )
-            if clash:
-                raise BadRequest(
-                    "Cannot add filter with auto_followup: other filters with the same allocation "
-                    "have priority_order set to a different value, which is unexpected"
-                )
+            await check_priority_order(request, auto_followup.get("allocation_id"), order)
         auto_followup = await with_tested_pipeline(request, doc, auto_followup, "auto_followup")
     return autosave, auto_followup or {}
 
@@ -231,7 +242,7 @@ async def filters_post(request: web.Request) -> web.Response:
 async def _get(request: web.Request, filter_id: int) -> dict[str, Any]:
     doc = await _filters(request).find_one({"filter_id": filter_id}, {"_id": 0})
     if doc is None:
-        raise NotFound(f"Filter id {filter_id} not found")
+        raise BadRequest(f"Filter id {filter_id} not found")  # 400, as upstream
     return doc
 
 
@@ -272,7 +283,10 @@ async def filters_patch(request: web.Request) -> web.Response:
         if not isinstance(body["active_fid"], str) or body["active_fid"] not in {
             v["fid"] for v in doc["fv"]
         }:
-            raise BadRequest(f"filter version fid {body['active_fid']} not in filter.fv")
+            raise BadRequest(
+                f"ValueError: Cannot set active_fid to {body['active_fid']}: "
+                "filter version fid not in filter.fv"
+            )
         update["active_fid"] = body["active_fid"]
     if "update_annotations" in body:
         update["update_annotations"] = bool(body["update_annotations"])
@@ -296,7 +310,7 @@ async def filters_delete(request: web.Request) -> web.Response:
     filter_id = path_int(request, "filter_id")
     result = await _filters(request).delete_one({"filter_id": filter_id})
     if result.deleted_count == 0:
-        raise NotFound(f"Filter id {filter_id} not found")
+        raise BadRequest(f"Filter id {filter_id} not found")
     return success(f"Removed filter id {filter_id}")
 
 
@@ -341,14 +355,12 @@ async def filters_test(request: web.Request) -> web.Response:
     if jd_range and jd_range[1] <= jd_range[0]:
         raise BadRequest("end_date must be after start_date")
     if not object_ids and jd_range and jd_range[1] - jd_range[0] > 1.0:
-        raise BadRequest("without object_ids the date range may span at most 1 day")
+        raise BadRequest(TEST_WINDOW_TOO_LONG)
     max_time_ms = body.get("max_time_ms", 30000)
-    if (
-        isinstance(max_time_ms, bool)
-        or not isinstance(max_time_ms, int)
-        or not 1 <= max_time_ms <= MAX_TEST_TIME_MS
-    ):
-        raise BadRequest(f"max_time_ms must be an integer in 1..{MAX_TEST_TIME_MS}")
+    if isinstance(max_time_ms, bool) or not isinstance(max_time_ms, int) or max_time_ms < 1:
+        raise BadRequest("max_time_ms must be a positive integer (milliseconds)")
+    if max_time_ms > MAX_TEST_TIME_MS:
+        raise BadRequest(TEST_MAX_TIME_TOO_LARGE)
     pipeline = archive_pipeline(
         cfg,
         doc["catalog"],

@@ -1,22 +1,72 @@
-"""Skymaps: PUT/GET/DELETE /api/skymap (cone and polygon localizations) with credible-level
-contours stored as GeoJSON MultiPolygons (lon = ra - 180), queried by the `skymap` query type."""
+"""Skymaps: PUT/GET/DELETE /api/skymap with credible-level contours stored as GeoJSON
+MultiPolygons (lon = ra - 180), queried by the `skymap` query type.
+
+PUT (admin only) takes a VOEvent (`{"voevent": "<xml>"}`, its multi-order FITS fetched from the URL
+it names) or a `skymap` object: a multi-order map (`localization_name` + `uniq`/`probdensity`, or
+`url`), a cone (`ra`, `dec`, `error`) or a polygon (`localization_name` + `polygon`). Answers follow
+upstream Kowalski: dates as ISO strings, 409 `already_exists`, and a missing skymap is HTTP 200
+`{"status": "error", "message": "no skymap found"}`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import math
+import os
 from typing import Any
+from urllib.parse import urlparse
 
+import aiohttp
 import numpy as np
 from aiohttp import web
+from pymongo.errors import DocumentTooLarge, DuplicateKeyError, WriteError
 
-from api.auth import read_body
-from api.responses import BadRequest, NotFound, json_response, success
+from api.auth import admin_required, read_body
+from api.responses import BadRequest, json_response, success
 from kowalski.config import Config
 from kowalski.coords import parse_dec, parse_ra
+from kowalski.skymaps import (
+    MAX_SKYMAP_BYTES,
+    SkymapError,
+    VOEventInfo,
+    multiorder_contours,
+    multiorder_map,
+    multipolygon,
+    parse_voevent,
+    read_multiorder_fits,
+)
 
 DEFAULT_CONTOURS = [90, 95]
 RING_POINTS = 72
+FETCH_TIMEOUT_S = 30.0
+NO_SKYMAP = "no skymap found"
+Contours = tuple[str, dict[str, Any], dict[str, Any]]
+
+
+# ------------------------------------------------------------------ plain-value request fields
+
+
+def plain_str(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{field} must be a non-empty string")
+    return value
+
+
+def plain_triggerid(value: Any) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise BadRequest("triggerid must be an integer or a string")
+    return value
+
+
+def plain_aliases(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise BadRequest("aliases must be a string or a list of strings")
+    return list(value)
 
 
 def parse_dateobs(value: Any) -> dt.datetime:
@@ -40,13 +90,20 @@ def parse_levels(value: Any) -> list[int | float]:
         value = [v for v in value.split(",") if v.strip()]
     if not isinstance(value, list):
         value = [value]
-    try:
-        levels = sorted({float(v) for v in value})
-    except (TypeError, ValueError):
-        raise BadRequest("contours must be numbers in (0, 100]") from None
+    levels: set[float] = set()
+    for v in value:
+        try:
+            if isinstance(v, bool) or not isinstance(v, int | float | str):
+                raise ValueError(v)
+            levels.add(float(v))
+        except ValueError:
+            raise BadRequest("contours must be numbers in (0, 100]") from None
     if not levels or not all(0 < v <= 100 for v in levels):
         raise BadRequest("contours must be numbers in (0, 100]")
-    return [int(v) if v.is_integer() else v for v in levels]
+    return [int(v) if v.is_integer() else v for v in sorted(levels)]
+
+
+# ------------------------------------------------------------------ cones and polygons
 
 
 def cone_ring(ra: float, dec: float, radius_deg: float) -> list[list[float]]:
@@ -64,68 +121,132 @@ def cone_ring(ra: float, dec: float, radius_deg: float) -> list[list[float]]:
     return [*ring, ring[0]]
 
 
-def multipolygon(ring: list[list[float]], level: float) -> dict[str, Any]:
-    return {
-        "type": "MultiPolygon",
-        "properties": {"credible_level": level},
-        "coordinates": [[ring]],
+def cone_contours(skymap: dict[str, Any], levels: list[int | float]) -> Contours:
+    try:
+        ra, dec = parse_ra(skymap["ra"]), parse_dec(skymap["dec"])
+        error = float(skymap["error"])
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"skymap: {exc}") from None
+    if not 0 < error <= 90:
+        raise BadRequest("skymap.error must be in (0, 90] degrees")
+    name = f"{ra:.5f}_{dec:.5f}_{error:.5f}"
+    center = {"type": "Point", "coordinates": [ra - 180.0, dec]}
+    # Gaussian localization with sigma = error: the p credible radius is sigma*sqrt(-2 ln(1-p))
+    contours = {
+        f"contour{lvl}": multipolygon(
+            [
+                [
+                    cone_ring(
+                        ra,
+                        dec,
+                        min(error * math.sqrt(-2 * math.log(max(1 - lvl / 100, 1e-12))), 89.0),
+                    )
+                ]
+            ],
+            lvl,
+        )
+        for lvl in levels
     }
+    return name, center, contours
 
 
-def contours_for(
-    skymap: dict[str, Any], levels: list[int | float]
-) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(localization_name, center, {contourN: MultiPolygon}) for a cone or polygon skymap."""
+def polygon_contours(skymap: dict[str, Any], levels: list[int | float]) -> Contours:
+    name = skymap.get("localization_name")
+    points = skymap["polygon"]
+    if not isinstance(name, str) or not name or not isinstance(points, list) or len(points) < 3:
+        raise BadRequest("a polygon skymap needs localization_name and >= 3 [ra, dec] points")
+    try:
+        ring = [[parse_ra(p[0]) - 180.0, parse_dec(p[1])] for p in points]
+    except (TypeError, ValueError, IndexError, KeyError) as exc:
+        raise BadRequest(f"skymap.polygon: {exc}") from None
+    if ring[0] != ring[-1]:
+        ring.append(ring[0])
+    lon, lat = np.mean([p[0] for p in ring[:-1]]), np.mean([p[1] for p in ring[:-1]])
+    center = {"type": "Point", "coordinates": [float(lon), float(lat)]}
+    return name, center, {f"contour{lvl}": multipolygon([[ring]], lvl) for lvl in levels}
+
+
+# ------------------------------------------------------------------ multi-order maps
+
+
+async def fetch_skymap(url: Any) -> bytes:
+    """GET a sky map file: http(s) only, a time limit and a size limit; any failure is a 400."""
+    if not isinstance(url, str) or urlparse(url).scheme not in ("http", "https"):
+        raise BadRequest("skymap url must be an http(s) URL")
+    timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url) as response,
+        ):
+            if response.status != 200:
+                raise BadRequest(f"could not fetch skymap from {url}: HTTP {response.status}")
+            content = bytearray()
+            async for chunk in response.content.iter_chunked(1 << 16):
+                content += chunk
+                if len(content) > MAX_SKYMAP_BYTES:
+                    raise BadRequest(f"skymap at {url} is larger than {MAX_SKYMAP_BYTES} bytes")
+            return bytes(content)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise BadRequest(
+            f"could not fetch skymap from {url}: {exc or type(exc).__name__}"
+        ) from None
+
+
+def url_name(url: str) -> str:
+    """The localization name upstream gives a sky map fetched from a URL: the file's name."""
+    return os.path.basename(urlparse(url).path)
+
+
+async def multiorder_from_url(url: Any, levels: list[int | float]) -> Contours:
+    content = await fetch_skymap(url)
+    try:
+        sky = await asyncio.to_thread(read_multiorder_fits, content)
+        center, contours = await asyncio.to_thread(multiorder_contours, sky, levels)
+    except SkymapError as exc:
+        raise BadRequest(f"skymap at {url}: {exc}") from None
+    return url_name(url), center, contours
+
+
+async def multiorder_from_arrays(skymap: dict[str, Any], levels: list[int | float]) -> Contours:
+    name = plain_str(skymap.get("localization_name"), "skymap.localization_name")
+    try:
+        sky = multiorder_map(skymap["uniq"], skymap["probdensity"])
+        center, contours = await asyncio.to_thread(multiorder_contours, sky, levels)
+    except SkymapError as exc:
+        raise BadRequest(f"skymap: {exc}") from None
+    return name, center, contours
+
+
+async def contours_for(skymap: dict[str, Any], levels: list[int | float]) -> Contours:
+    """(localization_name, center, {contourN: MultiPolygon}) for any accepted skymap form."""
+    if {"uniq", "probdensity"} <= set(skymap):
+        return await multiorder_from_arrays(skymap, levels)
+    if "url" in skymap:
+        return await multiorder_from_url(skymap["url"], levels)
     if {"ra", "dec", "error"} <= set(skymap):
-        try:
-            ra, dec = parse_ra(skymap["ra"]), parse_dec(skymap["dec"])
-            error = float(skymap["error"])
-        except (TypeError, ValueError) as exc:
-            raise BadRequest(f"skymap: {exc}") from None
-        if not 0 < error <= 90:
-            raise BadRequest("skymap.error must be in (0, 90] degrees")
-        name = f"{ra:.5f}_{dec:.5f}_{error:.5f}"
-        center = {"type": "Point", "coordinates": [ra - 180.0, dec]}
-        # Gaussian localization with sigma = error: the p credible radius is sigma*sqrt(-2 ln(1-p))
-        contours = {
-            f"contour{lvl}": multipolygon(
-                cone_ring(
-                    ra, dec, min(error * math.sqrt(-2 * math.log(max(1 - lvl / 100, 1e-12))), 89.0)
-                ),
-                lvl,
-            )
-            for lvl in levels
-        }
-        return name, center, contours
+        return cone_contours(skymap, levels)
     if "polygon" in skymap:
-        name = skymap.get("localization_name")
-        points = skymap["polygon"]
-        if not name or not isinstance(points, list) or len(points) < 3:
-            raise BadRequest("a polygon skymap needs localization_name and >= 3 [ra, dec] points")
-        try:
-            ring = [[parse_ra(p[0]) - 180.0, parse_dec(p[1])] for p in points]
-        except (TypeError, ValueError, IndexError) as exc:
-            raise BadRequest(f"skymap.polygon: {exc}") from None
-        if ring[0] != ring[-1]:
-            ring.append(ring[0])
-        lon, lat = np.mean([p[0] for p in ring[:-1]]), np.mean([p[1] for p in ring[:-1]])
-        center = {"type": "Point", "coordinates": [float(lon), float(lat)]}
-        return name, center, {f"contour{lvl}": multipolygon(ring, lvl) for lvl in levels}
-    raise BadRequest("skymap must be a cone {ra, dec, error} or {localization_name, polygon}")
+        return polygon_contours(skymap, levels)
+    raise BadRequest(
+        "skymap must be a multi-order map {localization_name, uniq, probdensity} or {url}, "
+        "a cone {ra, dec, error} or {localization_name, polygon}"
+    )
 
 
-def identity(body: dict[str, Any] | Any) -> list[dict[str, Any]]:
-    alternatives = []
-    if body.get("dateobs"):
-        alternatives.append({"dateobs": parse_dateobs(body["dateobs"])})
-    if body.get("triggerid") is not None:
-        alternatives.append({"triggerid": body["triggerid"]})
-    alias = body.get("alias") or body.get("aliases")
-    if alias:
-        alternatives.append({"aliases": {"$in": alias if isinstance(alias, list) else [alias]}})
-    if not alternatives:
-        raise BadRequest("give dateobs, triggerid or alias")
-    return alternatives
+async def read_voevent(xml: Any) -> VOEventInfo:
+    if not isinstance(xml, str | bytes) or not xml:
+        raise BadRequest("voevent must be the VOEvent XML as a string")
+    try:
+        info = await asyncio.to_thread(parse_voevent, xml)
+    except SkymapError as exc:
+        raise BadRequest(str(exc)) from None
+    if info.skymap is None:
+        raise BadRequest("Could not get skymap from VOEvent file")
+    return info
+
+
+# ------------------------------------------------------------------ handlers
 
 
 def _skymaps(request: web.Request) -> Any:
@@ -133,88 +254,151 @@ def _skymaps(request: web.Request) -> Any:
     return request.app["db"][cfg.database.collections["skymaps"]]
 
 
+def level_list(names: Any) -> list[int | float]:
+    values = sorted(float(k[len("contour") :]) for k in names if k.startswith("contour"))
+    return [int(v) if v.is_integer() else v for v in values]
+
+
+def lookup(dateobs: dt.datetime, name: str, triggerid: Any, aliases: list[str]) -> dict[str, Any]:
+    """The same skymap as upstream sees it: same name, and same dateobs, triggerid or aliases."""
+    same: list[dict[str, Any]] = [{"dateobs": dateobs}]
+    if triggerid not in (None, ""):
+        same.append({"triggerid": triggerid})
+    if aliases:
+        same.append(
+            {"$and": [{"aliases": {"$all": aliases}}, {"aliases": {"$size": len(aliases)}}]}
+        )
+    return {"localization_name": name, "$or": same}
+
+
+@admin_required
 async def skymap_put(request: web.Request) -> web.Response:
-    """PUT /api/skymap: add a skymap (cone or polygon) with its credible-level contours."""
+    """PUT /api/skymap: add a skymap with its credible-level contours (admin only)."""
     body = await read_body(request)
-    if "voevent" in body:
-        raise BadRequest("VOEvent skymaps are not supported yet: send a cone or polygon skymap")
-    if not isinstance(body.get("skymap"), dict):
-        raise BadRequest("skymap must be an object")
-    dateobs = parse_dateobs(body.get("dateobs"))
     levels = parse_levels(body.get("contours"))
-    aliases = body.get("aliases") or []
-    aliases = [aliases] if isinstance(aliases, str) else list(aliases)
-    name, center, contours = contours_for(body["skymap"], levels)
+    aliases = plain_aliases(body.get("aliases"))
+    triggerid = plain_triggerid(body["triggerid"]) if body.get("triggerid") is not None else None
+    dateobs = parse_dateobs(body["dateobs"]) if body.get("dateobs") is not None else None
+    if "voevent" in body:
+        info = await read_voevent(body["voevent"])
+        dateobs = dateobs or info.dateobs
+        triggerid = info.triggerid
+        aliases += [a for a in info.aliases if a not in aliases]
+        source = info.skymap or {}
+    elif isinstance(body.get("skymap"), dict):
+        source = body["skymap"]
+    else:
+        raise BadRequest("either skymap dict or voevent is required in the request body")
+    if dateobs is None:
+        raise BadRequest("dateobs is required in the request body or the VOEvent")
+    name, center, contours = await contours_for(source, levels)
     coll = _skymaps(request)
-    query: dict[str, Any] = {"localization_name": name, "$or": [{"dateobs": dateobs}]}
-    if body.get("triggerid") is not None:
-        query["$or"].append({"triggerid": body["triggerid"]})
-    existing = await coll.find_one(query)
-    summary = {"dateobs": dateobs.isoformat(), "localization_name": name}
+    existing = await coll.find_one(lookup(dateobs, name, triggerid, aliases))
+    summary: dict[str, Any] = {"dateobs": dateobs.isoformat(), "localization_name": name}
     if existing:
-        have = {k for k in existing.get("contours", {}) if k.startswith("contour")}
-        missing = {k: v for k, v in contours.items() if k not in have}
-        all_levels = sorted(float(k[7:]) for k in have | set(contours))
-        summary["contours"] = [int(v) if v.is_integer() else v for v in all_levels]
-        if not missing:
-            return json_response(
-                {
-                    "status": "already_exists",
-                    "message": "skymap already exists with these contours",
-                    "data": summary,
-                },
-                status=409,
-            )
-        await coll.update_one(
-            {"_id": existing["_id"]}, {"$set": {f"contours.{k}": v for k, v in missing.items()}}
-        )
-        return success(
-            f"updated skymap for {dateobs.isoformat()} with contours {sorted(missing)}", summary
-        )
+        return await add_levels(coll, existing, contours, dateobs, summary)
     doc: dict[str, Any] = {
         "dateobs": dateobs,
         "localization_name": name,
         "aliases": aliases,
         "contours": {"center": center, **contours},
     }
-    if body.get("triggerid") is not None:
-        doc["triggerid"] = body["triggerid"]
-    await coll.insert_one(doc)
+    if triggerid is not None:
+        doc["triggerid"] = triggerid
+    try:
+        await coll.insert_one(doc)
+    except DuplicateKeyError:  # the same skymap stored meanwhile by another request
+        return already_exists({**summary, "contours": levels})
+    except DocumentTooLarge as exc:
+        raise BadRequest(f"{TOO_LARGE}: {exc}") from None
     summary["contours"] = levels
-    return success(f"added skymap for {dateobs.isoformat()}", summary)
+    return success(f"added skymap for {dateobs} with contours {levels}", summary)
+
+
+TOO_LARGE = "the contours of this skymap are too large to store in one document"
+
+
+def already_exists(summary: dict[str, Any]) -> web.Response:
+    return json_response(
+        {
+            "status": "already_exists",
+            "message": "skymap already exists with the same contours",
+            "data": summary,
+        },
+        status=409,
+    )
+
+
+async def add_levels(
+    coll: Any,
+    existing: dict[str, Any],
+    contours: dict[str, Any],
+    dateobs: dt.datetime,
+    summary: dict[str, Any],
+) -> web.Response:
+    """Add the requested levels a stored skymap lacks (409 when it has them all, as upstream)."""
+    have = existing.get("contours", {})
+    missing = {k: v for k, v in contours.items() if k not in have}
+    summary["contours"] = level_list([*have, *missing])
+    if not missing:
+        return already_exists(summary)
+    try:
+        await coll.update_one(
+            {"_id": existing["_id"]}, {"$set": {f"contours.{k}": v for k, v in missing.items()}}
+        )
+    except (DocumentTooLarge, WriteError) as exc:
+        raise BadRequest(f"{TOO_LARGE}: {exc}") from None
+    return success(f"updated skymap for {dateobs} to add contours {level_list(missing)}", summary)
+
+
+def identity(params: dict[str, Any]) -> dict[str, Any]:
+    """GET/DELETE selection (as upstream: every given identifier must match), plain values only."""
+    query: dict[str, Any] = {}
+    if params.get("dateobs") is not None:
+        query["dateobs"] = parse_dateobs(params["dateobs"])
+    if params.get("triggerid") is not None:
+        query["triggerid"] = plain_triggerid(params["triggerid"])
+    if params.get("alias") is not None:
+        query["aliases"] = plain_str(params["alias"], "alias")
+    if not query:
+        raise BadRequest("must provide dateobs, triggerid, or alias")
+    if params.get("localization_name") is not None:
+        query["localization_name"] = plain_str(params["localization_name"], "localization_name")
+    return query
+
+
+def _triggerid_param(params: dict[str, Any]) -> dict[str, Any]:
+    """A query-string triggerid is text; stored trigger ids are usually integers: match both."""
+    raw = params.get("triggerid")
+    if isinstance(raw, str) and raw.lstrip("-").isdigit():
+        return {"triggerid": {"$in": [raw, int(raw)]}}
+    return {}
 
 
 async def skymap_get(request: web.Request) -> web.Response:
     """GET /api/skymap?dateobs|triggerid|alias[&localization_name][&contours=90,95]."""
     params = dict(request.query)
-    query: dict[str, Any] = {"$or": identity(params)}
-    if params.get("localization_name"):
-        query["localization_name"] = params["localization_name"]
-    projection = None
-    if params.get("contours"):
-        projection = {
-            "contours.center": 1,
-            "dateobs": 1,
-            "localization_name": 1,
-            "aliases": 1,
-            "triggerid": 1,
-        }
-        projection.update({f"contours.contour{lvl}": 1 for lvl in parse_levels(params["contours"])})
-    doc = await _skymaps(request).find_one(query, projection)
+    query = {**identity(params), **_triggerid_param(params)}
+    doc = await _skymaps(request).find_one(query)
     if doc is None:
-        raise NotFound("skymap not found")
+        return json_response({"status": "error", "message": NO_SKYMAP})
+    if params.get("contours"):
+        wanted = parse_levels(params["contours"])
+        missing = [lvl for lvl in wanted if f"contour{lvl}" not in doc.get("contours", {})]
+        if missing:
+            message = f"skymap exists but is missing contours {missing}"
+            return json_response({"status": "error", "message": message})
     doc.pop("_id", None)
-    return success("retrieved skymap", doc)
+    doc["dateobs"] = doc["dateobs"].isoformat()
+    return json_response({"status": "success", "data": doc})
 
 
+@admin_required
 async def skymap_delete(request: web.Request) -> web.Response:
-    """DELETE /api/skymap: body {dateobs|triggerid|alias, localization_name}."""
+    """DELETE /api/skymap: body {dateobs|triggerid|alias, localization_name} (admin only)."""
     body = await read_body(request)
-    if not body.get("localization_name"):
-        raise BadRequest("localization_name is required")
-    result = await _skymaps(request).delete_one(
-        {"localization_name": body["localization_name"], "$or": identity(body)}
-    )
+    plain_str(body.get("localization_name"), "localization_name")
+    result = await _skymaps(request).delete_one(identity(body))
     if result.deleted_count == 0:
-        raise NotFound("skymap not found")
-    return success("deleted skymap")
+        return json_response({"status": "error", "message": NO_SKYMAP})
+    return success(f"deleted {result.deleted_count} skymap")
