@@ -1,8 +1,15 @@
 """Stage: store a batch: dedup (one query), per-object history (aux) merged and written with
 optimistic concurrency, alerts inserted in bulk.
 
-Order matters for crash safety: aux first (its merges are idempotent), alerts last, so a batch
-re-delivered after a crash is re-processed until its alerts exist, and then skipped.
+Order matters for crash safety: aux first (its merges are idempotent), then alerts (a unique
+candid: inserting one again is a no-op). An alert is complete only once the whole pipeline ran on
+it (filters, hand-off): `mark_completed` writes one record per alert to the `handoffs` collection
+at the end of a batch, and only alerts with such a record are skipped as duplicates. A batch
+re-delivered after a crash anywhere before that point is therefore processed again from the start,
+which every stage tolerates (idempotent merges and inserts, filter runs recorded once).
+
+Cross-matching: a catalog missing from an object's `cross_matches` (never matched, or its query
+failed) is matched with the object's next alert; a failed query is never stored as "no match".
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
 from ingester.mongify import (
     Parts,
@@ -31,11 +38,53 @@ CrossMatcher = Callable[
 ]
 MAX_ATTEMPTS = 20
 WRITE_CONCURRENCY = 32
+HANDOFFS = "handoffs"  # default name of the completion ledger (config: database.collections)
+# server states (shutdown, step-down, not primary), not faults of a query: the batch is retried
+SERVER_STATE_CODES = frozenset({91, 189, 10107, 11600, 11602, 13435, 13436})
 
 
-async def existing_candids(coll: AsyncCollection[Doc], candids: Sequence[int]) -> set[int]:
-    docs = await coll.find({"candid": {"$in": list(candids)}}, {"_id": 0, "candid": 1}).to_list()
+def database_unavailable(exc: OperationFailure) -> bool:
+    """An error that says the server cannot answer now, whatever the query."""
+    return exc.code in SERVER_STATE_CODES
+
+
+def handoffs_collection(cfg: Config) -> str:
+    return cfg.database.collections.get("handoffs", HANDOFFS)
+
+
+def _ledger_id(survey: Survey, candid: int) -> str:
+    return f"{survey.name}:{candid}"
+
+
+async def completed_candids(
+    ledger: AsyncCollection[Doc], survey: Survey, candids: Sequence[int]
+) -> set[int]:
+    """Alerts of `candids` that went through the whole pipeline before (true duplicates)."""
+    ids = [_ledger_id(survey, c) for c in candids]
+    docs = await ledger.find({"_id": {"$in": ids}}, {"_id": 0, "candid": 1}).to_list()
     return {int(d["candid"]) for d in docs}
+
+
+async def mark_completed(
+    ledger: AsyncCollection[Doc],
+    survey: Survey,
+    candids: Sequence[int],
+    passed: dict[int, list[Doc]],
+    at: Any,
+) -> None:
+    """One ledger record per alert once filters and hand-off ran: the filters it passed."""
+    docs = [
+        {
+            "_id": _ledger_id(survey, c),
+            "survey": survey.name,
+            "candid": c,
+            "filters": [{"filter_id": e["filter_id"], "fid": e["fid"]} for e in passed.get(c, [])],
+            "handed_off_at": at,
+        }
+        for c in candids
+    ]
+    if docs:
+        await insert_ignoring_duplicates(ledger, docs)
 
 
 def group_by_object(survey: Survey, parts: Sequence[Parts]) -> dict[str, list[Parts]]:
@@ -144,8 +193,8 @@ async def _write_object(
     return True
 
 
-async def insert_alerts(coll: AsyncCollection[Doc], docs: Sequence[Doc]) -> int:
-    """Bulk insert; alerts already stored (unique candid) are fine, any other error raises."""
+async def insert_ignoring_duplicates(coll: AsyncCollection[Doc], docs: Sequence[Doc]) -> int:
+    """Bulk insert; documents already stored (unique key) are fine, any other error raises."""
     if not docs:
         return 0
     try:
@@ -156,6 +205,18 @@ async def insert_alerts(coll: AsyncCollection[Doc], docs: Sequence[Doc]) -> int:
         if any(e.get("code") != 11000 for e in errors):
             raise
         return int(exc.details.get("nInserted", len(docs) - len(errors)))
+
+
+async def existing_candids(coll: AsyncCollection[Doc], candids: Sequence[int]) -> set[int]:
+    docs = await coll.find({"candid": {"$in": list(candids)}}, {"_id": 0, "candid": 1}).to_list()
+    return {int(d["candid"]) for d in docs}
+
+
+async def insert_alerts(coll: AsyncCollection[Doc], docs: Sequence[Doc]) -> int:
+    """Insert the alerts not stored yet (a batch redone after a crash stores each once, with or
+    without a unique candid index); any error but a duplicate key raises."""
+    stored = await existing_candids(coll, [d["candid"] for d in docs]) if docs else set()
+    return await insert_ignoring_duplicates(coll, [d for d in docs if d["candid"] not in stored])
 
 
 def prepare_database(cfg: Config, surveys: Sequence[str]) -> None:

@@ -4,9 +4,12 @@ batches to the workers, commit offsets only after a batch is stored.
 - Pattern subscription picks up new nightly topics without restarts.
 - Several batches are in flight (one per worker); offsets are committed in submission order, so
   a commit never passes a batch that is not yet durably stored.
-- A failed batch (database down, ...) is retried with exponential backoff; nothing is dropped.
-- A restart resumes at the committed offsets; re-delivered alerts are harmless (unique candid,
-  idempotent history merges).
+- A failed batch (database down, a dask worker that died, ...) is retried with exponential
+  backoff; nothing is dropped.
+- A commit that fails while the broker is away is retried; one that can no longer succeed (the
+  group rebalanced meanwhile) is given up: the batch is re-delivered and recognised as done.
+- A restart resumes at the committed offsets; re-delivered alerts are harmless: completed ones
+  are skipped (the `handoffs` ledger), a batch cut short is redone (see `ingester.pipeline`).
 - A batch that returns results-stream records (filters with `stream` on) commits its offsets in
   the Kafka transaction that produces them (`ingester.publisher`): exactly once.
 """
@@ -22,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from distributed import Client, Future, WorkerPlugin, get_worker
 
 from ingester.archive import prepare_database
@@ -34,6 +37,20 @@ from kowalski.surveys import SURVEYS, survey_for_topic
 
 log = logging.getLogger("kowalski.ingester")
 MAX_BACKOFF_SECONDS = 60.0
+COMMIT_ATTEMPTS = 30
+# commit errors worth waiting out although librdkafka does not flag them retriable
+RETRIED_COMMIT_ERRORS = frozenset(
+    {
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._TIMED_OUT,
+        KafkaError._WAIT_COORD,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.REQUEST_TIMED_OUT,
+    }
+)
 
 _RUNTIMES: dict[tuple[str, str], WorkerRuntime] = {}
 
@@ -196,11 +213,29 @@ class Ingester:
                     self.in_flight.popleft()  # re-delivered to the partitions' new owner
                     continue
             else:
-                self.consumer.commit(offsets=head.offsets(), asynchronous=False)
+                self.commit(head)
             self.committed += len(head.packets)
             self.report.add(result)
             self.in_flight.popleft()
             block = block and len(self.in_flight) >= self.max_in_flight
+
+    def commit(self, batch: Batch) -> None:
+        """Commit a completed batch's offsets, retrying while the broker is unreachable."""
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                self.consumer.commit(offsets=batch.offsets(), asynchronous=False)
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                if not error.retriable() and error.code() not in RETRIED_COMMIT_ERRORS:
+                    log.warning("commit given up (batch will be re-delivered): %s", error)
+                    return
+                delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2**attempt)
+                log.warning(
+                    "commit failed (attempt %d): %s; retrying in %.1f s", attempt, error, delay
+                )
+                time.sleep(delay)
+        log.error("commit kept failing; the batch will be re-delivered and skipped as done")
 
     def drain(self) -> None:
         while self.in_flight:

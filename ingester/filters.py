@@ -2,10 +2,22 @@
 instead of once per alert. An alert passes a filter when the pipeline outputs a document with its
 candid; a pipeline whose output drops `candid` is run per alert instead (upstream semantics: pass
 = exactly one output document). Every run is recorded in `filter_runs` ("did my filter run?").
+
+A run that fails (the database refuses the aggregation or it exceeds `filter_max_time_ms`, e.g.
+on a loaded machine) is never recorded as "passed nothing": after a back-off the batch is split in
+halves, down to single alerts, and a single alert is retried `SINGLE_ATTEMPTS` times. Only a
+filter that still fails on one alert is recorded as failed (`state: "failed"` with the error, one
+`filter_runs` record per alert, counted in the batch report, listed by
+`python -m ingester failed-filters`). Errors that mean the database itself is unavailable are
+not filter failures: they propagate and the consumer retries the whole batch.
+
+Re-running a batch (after a crash) never doubles a record: alerts already recorded for a filter
+version are left out of the new records.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections import defaultdict
@@ -14,13 +26,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure
 
+from ingester.archive import database_unavailable
 from kowalski.config import Config
 from kowalski.filtering import full_pipeline, parse_pipeline
 
 log = logging.getLogger("kowalski.ingester.filters")
 Doc = dict[str, Any]
+SINGLE_ATTEMPTS = 3  # tries of a filter on one alert before it is recorded failed
+BACKOFF_SECONDS = 0.25  # first back-off; doubles with every retry of the same alerts
+OK, FAILED = "ok", "failed"
 
 
 @dataclass
@@ -114,50 +130,172 @@ async def _option(
     return dict(await _run(db, cfg, template, parse_pipeline(option["pipeline"]), candids))
 
 
+@dataclass
+class FilterOutcome:
+    """One filter over some alerts: outputs of the passing ones, which of those autosave and
+    auto_followup apply to, the alerts it failed on (with the error) and how many retries it took."""
+
+    passed: dict[int, Doc] = field(default_factory=dict)
+    autosave: dict[int, Doc | None] = field(default_factory=dict)
+    followup: dict[int, Doc | None] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    retries: int = 0
+
+    def merge(self, other: FilterOutcome) -> FilterOutcome:
+        return FilterOutcome(
+            {**self.passed, **other.passed},
+            {**self.autosave, **other.autosave},
+            {**self.followup, **other.followup},
+            {**self.failed, **other.failed},
+            self.retries + other.retries,
+        )
+
+
+@dataclass
+class FilterResults:
+    """The filter stage's answer for a batch."""
+
+    passed: dict[int, list[Doc]] = field(default_factory=dict)  # candid -> passed filter entries
+    failures: int = 0  # (filter, alert) pairs recorded failed
+    retries: int = 0  # failed attempts that were retried (smaller or later)
+
+
+async def _attempt(
+    db: AsyncDatabase[Doc], cfg: Config, template: FilterTemplate, candids: list[int]
+) -> FilterOutcome:
+    passed = await _run(db, cfg, template, template.pipeline, candids)
+    autosave = await _option(db, cfg, template, template.autosave, list(passed))
+    followup = (
+        await _option(db, cfg, template, template.auto_followup, list(autosave))
+        if template.auto_followup
+        else {}
+    )
+    return FilterOutcome(passed, autosave, followup)
+
+
+async def run_resilient(
+    db: AsyncDatabase[Doc], cfg: Config, template: FilterTemplate, candids: list[int]
+) -> FilterOutcome:
+    """One filter over `candids`; on failure back off and split in halves down to single alerts,
+    each tried `SINGLE_ATTEMPTS` times. Database-unavailable errors propagate."""
+    attempts = SINGLE_ATTEMPTS if len(candids) == 1 else 1
+    error = ""
+    for attempt in range(attempts):
+        try:
+            return await _attempt(db, cfg, template, candids)
+        except OperationFailure as exc:
+            if database_unavailable(exc):
+                raise
+            error = f"{type(exc).__name__}: {(exc.details or {}).get('errmsg', exc)}"
+            log.warning(
+                "filter %s (%s) failed on %d alert(s), attempt %d: %s",
+                template.filter_id,
+                template.fid,
+                len(candids),
+                attempt + 1,
+                error,
+            )
+            await asyncio.sleep(BACKOFF_SECONDS * 2**attempt)
+    if len(candids) == 1:
+        log.error("filter %s (%s) failed on alert %s", template.filter_id, template.fid, candids[0])
+        return FilterOutcome(failed={candids[0]: error}, retries=attempts - 1)
+    half = len(candids) // 2
+    left = await run_resilient(db, cfg, template, candids[:half])
+    right = await run_resilient(db, cfg, template, candids[half:])
+    return left.merge(right).merge(FilterOutcome(retries=1))
+
+
+async def _recorded(
+    db: AsyncDatabase[Doc], cfg: Config, templates: Sequence[FilterTemplate], candids: list[int]
+) -> set[tuple[int, str, int]]:
+    """(filter_id, fid, candid) already in `filter_runs` for this batch (a batch run again)."""
+    docs = (
+        await db[cfg.database.collections["filter_runs"]]
+        .find(
+            {
+                "filter_id": {"$in": [t.filter_id for t in templates]},
+                "candids": {"$in": candids},
+            },
+            {"_id": 0, "filter_id": 1, "fid": 1, "candids": 1},
+        )
+        .to_list()
+    )
+    batch = set(candids)
+    return {(d["filter_id"], d["fid"], c) for d in docs for c in d["candids"] if c in batch}
+
+
+def _run_records(
+    template: FilterTemplate, outcome: FilterOutcome, candids: list[int], skip: set[int]
+) -> list[Doc]:
+    """The `filter_runs` records of one filter over a batch: one for the alerts it ran on, one
+    per alert it failed on; alerts in `skip` (recorded by an earlier run) are left out."""
+    base: Doc = {
+        "filter_id": template.filter_id,
+        "group_id": template.group_id,
+        "fid": template.fid,
+        "catalog": template.catalog,
+        "ran_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
+    }
+    ran = [c for c in candids if c not in outcome.failed and c not in skip]
+    records = []
+    if ran:
+        passed = sorted(c for c in outcome.passed if c not in skip)
+        records.append({**base, "candids": ran, "passed": passed, "state": OK})
+    for candid, error in outcome.failed.items():
+        if candid not in skip:
+            records.append(
+                {**base, "candids": [candid], "passed": [], "state": FAILED, "error": error}
+            )
+    return records
+
+
+def _entry(template: FilterTemplate, outcome: FilterOutcome, candid: int) -> Doc:
+    entry: Doc = {
+        "group_id": template.group_id,
+        "filter_id": template.filter_id,
+        "fid": template.fid,
+        "permissions": template.permissions,
+        "update_annotations": template.update_annotations,
+        "data": outcome.passed[candid],
+        "autosave": _autosave_entry(template.autosave, candid in outcome.autosave),
+    }
+    if candid in outcome.followup:
+        entry["auto_followup"] = {**template.auto_followup, "data": outcome.followup[candid]}
+    return entry
+
+
 async def run_filters(
     db: AsyncDatabase[Doc], cfg: Config, templates: Sequence[FilterTemplate], candids: Sequence[int]
-) -> dict[int, list[Doc]]:
-    """{candid: [passed filter records]} for the batch; every run is logged to `filter_runs`."""
+) -> FilterResults:
+    """Every template over the batch; every run is recorded in `filter_runs` exactly once."""
+    batch = list(candids)
+    results = FilterResults()
     passed_by_candid: dict[int, list[Doc]] = defaultdict(list)
-    runs = []
+    recorded = await _recorded(db, cfg, templates, batch) if templates else set()
+    runs: list[Doc] = []
     for template in templates:
-        record: Doc = {
-            "filter_id": template.filter_id,
-            "group_id": template.group_id,
-            "fid": template.fid,
-            "catalog": template.catalog,
-            "candids": list(candids),
-            "ran_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
-        }
-        try:
-            passed = await _run(db, cfg, template, template.pipeline, candids)
-            autosave = await _option(db, cfg, template, template.autosave, list(passed))
-            followup = (
-                await _option(db, cfg, template, template.auto_followup, list(autosave))
-                if template.auto_followup
-                else {}
-            )
-        except PyMongoError as exc:
-            log.error("filter %s (%s) failed on a batch: %s", template.filter_id, template.fid, exc)
-            runs.append({**record, "passed": [], "error": str(exc)})
-            continue
-        runs.append({**record, "passed": sorted(passed)})
-        for candid, output in passed.items():
-            entry: Doc = {
-                "group_id": template.group_id,
-                "filter_id": template.filter_id,
-                "fid": template.fid,
-                "permissions": template.permissions,
-                "update_annotations": template.update_annotations,
-                "data": output,
-                "autosave": _autosave_entry(template.autosave, candid in autosave),
-            }
-            if candid in followup:
-                entry["auto_followup"] = {**template.auto_followup, "data": followup[candid]}
-            passed_by_candid[candid].append(entry)
+        outcome = await run_resilient(db, cfg, template, batch)
+        skip = {c for f, v, c in recorded if (f, v) == (template.filter_id, template.fid)}
+        runs.extend(_run_records(template, outcome, batch, skip))
+        results.failures += len(outcome.failed)
+        results.retries += outcome.retries
+        for candid in outcome.passed:
+            passed_by_candid[candid].append(_entry(template, outcome, candid))
     if runs:
         await db[cfg.database.collections["filter_runs"]].insert_many(runs)
-    return dict(passed_by_candid)
+    results.passed = dict(passed_by_candid)
+    return results
+
+
+async def failed_runs(db: AsyncDatabase[Doc], cfg: Config, limit: int = 100) -> list[Doc]:
+    """The latest filter runs recorded failed (newest first): what an admin should look at."""
+    return (
+        await db[cfg.database.collections["filter_runs"]]
+        .find({"state": FAILED}, {"_id": 0})
+        .sort("ran_at", -1)
+        .limit(limit)
+        .to_list()
+    )
 
 
 def _autosave_entry(option: Any, applies: bool) -> Any:

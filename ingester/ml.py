@@ -171,15 +171,25 @@ def load_models(cfg: Config, instrument: str = "ZTF") -> list[Model]:
     return models
 
 
+@dataclass
+class Scores:
+    """`classifications` per alert ({model: score, model_version: version}; a score that could not
+    be computed is absent, never 0) and `failures`: (model, alert) pairs left unscored by an error
+    (an unreadable cutout, a model that fails or answers NaN)."""
+
+    classifications: list[dict[str, Any]]
+    failures: int = 0
+
+
 def score_batch(
     models: Sequence[Model], alerts: Sequence[dict[str, Any]], batch_size: int = 16
 ) -> list[dict[str, Any]]:
-    """`classifications` for each alert: {model: score, model_version: version}. Inference runs
-    in micro-batches of `batch_size` (ml.batch_size): on CPU, ONNX Runtime gains nothing from
-    large batches (measured), while GPUs and TensorFlow do; the triplets are built once."""
-    results: list[dict[str, Any]] = [{} for _ in alerts]
-    if not models or not alerts:
-        return results
+    """`classifications` for each alert (see `score_alerts`)."""
+    return score_alerts(models, alerts, batch_size).classifications
+
+
+def _triplets(alerts: Sequence[dict[str, Any]]) -> tuple[list[int], np.ndarray | None]:
+    """(indices of the alerts whose triplet could be built, their stacked triplets)."""
     usable: list[int] = []
     triplets: list[np.ndarray] = []
     for i, alert in enumerate(alerts):
@@ -188,31 +198,53 @@ def score_batch(
             usable.append(i)
         except Exception as exc:
             log.warning("alert %s: cannot build triplet: %s", alert.get("candid"), exc)
-    if not usable:
-        return results
-    triplet_batch = np.stack(triplets)
+    return usable, (np.stack(triplets) if triplets else None)
+
+
+def _run_model(
+    model: Model, triplets: np.ndarray, alerts: Sequence[dict[str, Any]], batch_size: int
+) -> np.ndarray:
+    features = (
+        np.stack([feature_row(a, model.feature_names) for a in alerts])
+        if model.feature_names
+        else np.zeros((len(alerts), 0), np.float32)
+    )
+    scores = np.concatenate(
+        [
+            model.run(model.inputs(triplets[i : i + batch_size], features[i : i + batch_size]))
+            for i in range(0, len(alerts), batch_size)
+        ]
+    )
+    if scores.shape != (len(alerts),):
+        raise ValueError(f"model answered {scores.shape[0]} scores for {len(alerts)} alerts")
+    return scores
+
+
+def score_alerts(
+    models: Sequence[Model], alerts: Sequence[dict[str, Any]], batch_size: int = 16
+) -> Scores:
+    """Scores of every model for each alert. Inference runs in micro-batches of `batch_size`
+    (ml.batch_size): on CPU, ONNX Runtime gains nothing from large batches (measured), while GPUs
+    and TensorFlow do; the triplets are built once. Failures are counted, never scored 0."""
+    result = Scores([{} for _ in alerts])
+    if not models or not alerts:
+        return result
+    usable, triplets = _triplets(alerts)
+    result.failures += (len(alerts) - len(usable)) * len(models)
+    if triplets is None:
+        return result
+    chosen = [alerts[i] for i in usable]
     for model in models:
-        chosen = [alerts[i] for i in usable]
-        features = (
-            np.stack([feature_row(a, model.feature_names) for a in chosen])
-            if model.feature_names
-            else np.zeros((len(chosen), 0), np.float32)
-        )
         try:
-            scores = np.concatenate(
-                [
-                    model.run(
-                        model.inputs(
-                            triplet_batch[i : i + batch_size], features[i : i + batch_size]
-                        )
-                    )
-                    for i in range(0, len(chosen), batch_size)
-                ]
-            )
+            scores = _run_model(model, triplets, chosen, batch_size)
         except Exception as exc:
             log.error("model %s failed on a batch of %d: %s", model.name, len(chosen), exc)
+            result.failures += len(chosen)
             continue
         for i, score in zip(usable, scores, strict=True):
-            results[i][model.name] = float(score)
-            results[i][f"{model.name}_version"] = model.spec.version
-    return results
+            if not math.isfinite(float(score)):
+                result.failures += 1
+                continue
+            result.classifications[i][model.name] = float(score)
+            result.classifications[i][f"{model.name}_version"] = model.spec.version
+    return result

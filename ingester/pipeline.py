@@ -1,17 +1,32 @@
-"""One batch through every stage: decode -> dedup -> ML -> aux (history + cross-matches) ->
-alerts -> filters -> hand-off -> results (stream records, see `ingester.results`). Data flows
-forward; each stage is called once per batch. The report carries the batch's results-stream
-records back to the consumer, which publishes them with the batch's offsets.
+"""One batch through every stage: decode -> check -> dedup -> ML -> aux (history +
+cross-matches) -> alerts -> filters -> hand-off -> results (stream records) -> completed. Data
+flows forward; each stage is called once per batch. The report carries the results-stream records
+of all the batch's alerts back to the consumer, which publishes them with the batch's offsets
+(`ingester.results`, `ingester.publisher`).
 
-A packet that cannot be decoded or prepared goes to the `dead_letters` collection with the error
-and its raw bytes; the rest of the batch goes on. Database errors propagate: the consumer retries
-the batch (nothing is committed to Kafka before the batch is stored).
+A packet that cannot be decoded, checked or prepared goes to the `dead_letters` collection with
+the reason and its raw bytes; the rest of the batch goes on. Database errors propagate: the
+consumer retries the batch (nothing is committed to Kafka before the batch completed).
+
+State is explicit and durable: an alert counts as done (a duplicate if it comes again) only once
+the `completed` stage recorded it in the `handoffs` ledger after the hand-off. A batch cut short
+anywhere before (process killed, database gone) is redone from the start when Kafka re-delivers
+it; every stage tolerates that (see `archive`, `filters`). The hand-off may therefore see an
+alert again if the process dies between the hand-off and the ledger write: hand-off stages must
+be idempotent per (candid, filter).
+
+Failures that are not retried are counted in the `BatchReport`: filters that failed on an alert
+(`filter_failures`), cross-match catalogs that could not be queried (`xmatch_failures`, left
+unmatched and matched again later) and model scores that could not be computed (`ml_failures`,
+the score is absent).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
+import math
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -22,9 +37,10 @@ from typing import Any
 from bson import Binary
 from pymongo.asynchronous.database import AsyncDatabase
 
-from ingester import archive, filters, ml, results, xmatch
-from ingester.decode import decode_packet
+from ingester import archive, filters, ml, xmatch
+from ingester.decode import decode_packet, writer_schema
 from ingester.mongify import Parts, split_alert
+from ingester.results import ResultMessage, pending, record_passes
 from kowalski.config import Config
 from kowalski.surveys import Survey
 
@@ -53,9 +69,13 @@ class BatchReport:
     new_objects: int = 0
     updated_objects: int = 0
     passed: int = 0
+    filter_failures: int = 0
+    filter_retries: int = 0
+    xmatch_failures: int = 0
+    ml_failures: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     # results stream: the outbox records of the batch's alerts, published by the consumer
-    messages: list[results.ResultMessage] = field(default_factory=list)
+    messages: list[ResultMessage] = field(default_factory=list)
 
     def add(self, other: BatchReport) -> None:
         for item in fields(self):
@@ -79,6 +99,47 @@ async def no_handoff(survey: Survey, alerts: list[Doc], passed: dict[int, list[D
     """Default hand-off: posting to SkyPortal is the `skyportal` stage's job (not enabled)."""
 
 
+def schema_family(packet: bytes) -> str:
+    """The first part of the writer schema's full name (`ztf` of `ztf.alert`)."""
+    schema = writer_schema(packet)
+    name = str(schema.get("name", ""))
+    full = name if "." in name else f"{schema.get('namespace') or ''}.{name}"
+    return full.split(".")[0]
+
+
+def check_packet(survey: Survey, packet: bytes) -> str | None:
+    """Why a decodable packet is not an alert of `survey` (another stream's schema), or None."""
+    # each survey's writer schemas are named after its topic prefix (ztf.alert, winter.alert, …)
+    family = schema_family(packet)
+    if family != survey.topic_prefix:
+        return f"check: schema {family!r} is not a {survey.name} alert schema"
+    return None
+
+
+def check_record(survey: Survey, record: Doc) -> str | None:
+    """Why a decoded alert cannot be archived (would poison the batch), or None."""
+    if not isinstance(record.get("candid"), int):
+        return "check: no integer candid"
+    if not record.get(survey.object_key):
+        return f"check: no {survey.object_key}"
+    candidate = record.get("candidate") or {}
+    ra, dec = candidate.get("ra"), candidate.get("dec")
+    if not (isinstance(ra, int | float) and isinstance(dec, int | float)):
+        return f"check: no coordinates (ra={ra}, dec={dec})"
+    if not (math.isfinite(ra) and math.isfinite(dec)):
+        return f"check: coordinates not finite (ra={ra}, dec={dec})"
+    if not (0.0 <= ra <= 360.0 and -90.0 <= dec <= 90.0):
+        return f"check: coordinates out of range (ra={ra}, dec={dec})"
+    missing = sorted(k for k, v in record.items() if k.lower().startswith("cutout") and v is None)
+    if missing:
+        return f"check: missing cutouts {missing}"
+    return None
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
 @dataclass
 class Pipeline:
     """Per-worker state: database, loaded models, cached filter templates."""
@@ -97,51 +158,73 @@ class Pipeline:
         return cached
 
     async def dead_letter(self, packet: Packet, error: str) -> None:
-        await self.db[self.cfg.database.collections["dead_letters"]].insert_one(
-            {
-                "topic": packet.topic,
-                "partition": packet.partition,
-                "offset": packet.offset,
-                "error": error,
-                "packet": Binary(packet.value),
-                "received_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
-            }
+        """Keep a packet that cannot be archived, once (a batch redone does not add it again)."""
+        digest = hashlib.sha1(packet.value).hexdigest()[:16]
+        key = f"{packet.topic}:{packet.partition}:{packet.offset}:{digest}"
+        letter = {
+            "topic": packet.topic,
+            "partition": packet.partition,
+            "offset": packet.offset,
+            "error": error,
+            "packet": Binary(packet.value),
+            "received_at": now(),
+        }
+        await self.db[self.cfg.database.collections["dead_letters"]].update_one(
+            {"_id": key}, {"$setOnInsert": letter}, upsert=True
         )
 
-    async def process(self, survey: Survey, packets: Sequence[Packet]) -> BatchReport:
-        report = BatchReport(received=len(packets))
-        cfg = self.cfg
-        alerts_coll = self.db[survey.alerts_collection(cfg)]
+    async def decode(
+        self, survey: Survey, packets: Sequence[Packet], report: BatchReport
+    ) -> list[tuple[Packet, Doc]]:
+        decoded: list[tuple[Packet, Doc]] = []
+        for packet in packets:
+            records: list[Doc] = []
+            try:
+                records = decode_packet(packet.value)
+                reason = check_packet(survey, packet.value)
+            except Exception as exc:
+                reason = f"decode: {exc}"
+            if reason is None:
+                reason = next(filter(None, (check_record(survey, r) for r in records)), None)
+            if reason is not None:
+                await self.dead_letter(packet, reason)
+                report.dead_letters += 1
+                continue
+            decoded.extend((packet, record) for record in records)
+        return decoded
 
-        with report.timed("decode"):
-            decoded: list[tuple[Packet, Doc]] = []
-            for packet in packets:
-                try:
-                    decoded.extend((packet, record) for record in decode_packet(packet.value))
-                except Exception as exc:
-                    await self.dead_letter(packet, f"decode: {exc}")
-                    report.dead_letters += 1
-        report.alerts = len(decoded)
-        candids = [int(r["candid"]) for _, r in decoded]
+    async def dedup(
+        self, survey: Survey, decoded: list[tuple[Packet, Doc]], report: BatchReport
+    ) -> dict[int, tuple[Packet, Doc]]:
+        """Alerts not completed before, once each (a batch cut short is redone in full). A ledger
+        record whose alert is no longer stored (collection dropped, re-seeded) does not count."""
+        ledger = self.db[archive.handoffs_collection(self.cfg)]
+        done = await archive.completed_candids(ledger, survey, [r["candid"] for _, r in decoded])
+        if done:
+            alerts = self.db[survey.alerts_collection(self.cfg)]
+            done &= await archive.existing_candids(alerts, list(done))
+        fresh: dict[int, tuple[Packet, Doc]] = {}
+        for packet, record in decoded:
+            if record["candid"] in done or record["candid"] in fresh:
+                report.duplicates += 1
+            else:
+                fresh[record["candid"]] = (packet, record)
+        return fresh
 
-        with report.timed("dedup"):
-            seen = await archive.existing_candids(alerts_coll, [r["candid"] for _, r in decoded])
-            fresh: dict[int, tuple[Packet, Doc]] = {}
-            for packet, record in decoded:
-                if record["candid"] in seen or record["candid"] in fresh:
-                    report.duplicates += 1
-                else:
-                    fresh[record["candid"]] = (packet, record)
-        if not fresh:
-            return await self.attach_results(survey, candids, report)
+    async def prepare(
+        self, survey: Survey, fresh: dict[int, tuple[Packet, Doc]], report: BatchReport
+    ) -> list[Parts]:
+        """ML scores, then archive documents (a packet that cannot be split is dead-lettered)."""
         records = [r for _, r in fresh.values()]
-
         with report.timed("ml"):
-            scores = ml.score_batch(self.models.get(survey.name, []), records, cfg.ml.batch_size)
-
+            models = self.models.get(survey.name, [])
+            scores = ml.score_alerts(models, records, self.cfg.ml.batch_size)
+        report.ml_failures += scores.failures
+        parts: list[Parts] = []
         with report.timed("mongify"):
-            parts: list[Parts] = []
-            for (packet, record), classifications in zip(fresh.values(), scores, strict=True):
+            for (packet, record), classes in zip(
+                fresh.values(), scores.classifications, strict=True
+            ):
                 try:
                     part = split_alert(survey, record)
                 except Exception as exc:
@@ -151,47 +234,71 @@ class Pipeline:
                     )
                     report.dead_letters += 1
                     continue
-                part.alert["classifications"] = classifications
+                part.alert["classifications"] = classes
                 parts.append(part)
+        return parts
 
-        catalogs = cfg.database.xmatch.get(survey.name, {})
+    async def store(self, survey: Survey, parts: list[Parts], report: BatchReport) -> None:
+        """History + cross-matches into aux, then the alerts."""
+        catalogs = self.cfg.database.xmatch.get(survey.name, {})
 
         async def matcher(
             positions: list[tuple[float, float]], wanted: list[set[str]]
         ) -> list[dict[str, list[Doc]]]:
-            return await xmatch.cross_match(self.db, catalogs, positions, wanted)
+            found = await xmatch.cross_match(self.db, catalogs, positions, wanted)
+            report.xmatch_failures += len(found.failed)
+            return found.matches
 
         with report.timed("aux"):
             counts = await archive.store_aux(
-                self.db[survey.aux_collection(cfg)], survey, parts, list(catalogs), matcher
+                self.db[survey.aux_collection(self.cfg)], survey, parts, list(catalogs), matcher
             )
-        report.new_objects, report.updated_objects = (
-            counts["new_objects"],
-            counts["updated_objects"],
-        )
-
+        report.new_objects = counts["new_objects"]
+        report.updated_objects = counts["updated_objects"]
         with report.timed("store"):
-            report.stored = await archive.insert_alerts(alerts_coll, [p.alert for p in parts])
+            alerts = self.db[survey.alerts_collection(self.cfg)]
+            report.stored = await archive.insert_alerts(alerts, [p.alert for p in parts])
 
+    async def filter(
+        self, survey: Survey, parts: list[Parts], report: BatchReport
+    ) -> dict[int, list[Doc]]:
         with report.timed("filters"):
-            templates = await self.templates(survey.alerts_collection(cfg))
-            passed = (
-                await filters.run_filters(self.db, cfg, templates, [p.candid for p in parts])
-                if templates
-                else {}
+            templates = await self.templates(survey.alerts_collection(self.cfg))
+            if not templates:
+                return {}
+            results = await filters.run_filters(
+                self.db, self.cfg, templates, [p.candid for p in parts]
             )
-        report.passed = sum(len(v) for v in passed.values())
+        report.passed = sum(len(v) for v in results.passed.values())
+        report.filter_failures += results.failures
+        report.filter_retries += results.retries
+        return results.passed
 
+    async def complete(
+        self, survey: Survey, parts: list[Parts], passed: dict[int, list[Doc]], report: BatchReport
+    ) -> None:
+        """Hand off, build the results-stream records, then record every alert as done."""
         with report.timed("handoff"):
             await self.handoff(survey, [p.alert for p in parts], passed)
         with report.timed("results"):
-            await results.record_passes(self.db, cfg, survey, [p.alert for p in parts], passed)
-        return await self.attach_results(survey, candids, report)
+            await record_passes(self.db, self.cfg, survey, [p.alert for p in parts], passed)
+        with report.timed("handoff"):
+            ledger = self.db[archive.handoffs_collection(self.cfg)]
+            await archive.mark_completed(ledger, survey, [p.candid for p in parts], passed, now())
 
-    async def attach_results(
-        self, survey: Survey, candids: list[int], report: BatchReport
-    ) -> BatchReport:
-        """Attach the results-stream records of every alert of the batch (new or seen before)."""
-        with report.timed("results"):
-            report.messages = await results.pending(self.db, self.cfg, survey, candids)
+    async def process(self, survey: Survey, packets: Sequence[Packet]) -> BatchReport:
+        report = BatchReport(received=len(packets))
+        with report.timed("decode"):
+            decoded = await self.decode(survey, packets, report)
+        report.alerts = len(decoded)
+        with report.timed("dedup"):
+            fresh = await self.dedup(survey, decoded, report)
+        if fresh:
+            parts = await self.prepare(survey, fresh, report)
+            await self.store(survey, parts, report)
+            passed = await self.filter(survey, parts, report)
+            await self.complete(survey, parts, passed, report)
+        with report.timed("results"):  # new or completed before: a re-delivered batch publishes
+            candids = [int(r["candid"]) for _, r in decoded]
+            report.messages = await pending(self.db, self.cfg, survey, candids)
         return report

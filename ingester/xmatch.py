@@ -3,6 +3,11 @@
 One query per catalog per batch (an `$or` of `$geoWithin/$centerSphere` cones on
 `coordinates.radec_geojson`), matches assigned to each position by great-circle distance.
 Distance-based catalogs (CLU, NED) use a coarse cone, then a per-galaxy radius.
+
+A catalog whose query fails is never reported as "no match": if the database refuses the query
+(bad configured filter, ...) the catalog is left out of the answer (and named in `failed`), so it
+stays absent from the object's `cross_matches` and is matched again with the object's next alert;
+if the database is unreachable the error propagates and the batch is retried.
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure
 
+from ingester.archive import database_unavailable
 from kowalski import cones
 from kowalski.cones import projection_with_position
 from kowalski.config import XMatchCatalog
@@ -82,24 +89,38 @@ def _with_distance(
     return {**doc, "coordinates": coords}
 
 
+@dataclass
+class CrossMatches:
+    """`{catalog: [matches]}` per position (only catalogs that answered), and the catalogs that
+    failed with their errors."""
+
+    matches: list[dict[str, list[dict[str, Any]]]]
+    failed: dict[str, str] = field(default_factory=dict)
+
+
 async def cross_match(
     db: AsyncDatabase[dict[str, Any]],
     catalogs: dict[str, XMatchCatalog],
     positions: Sequence[tuple[float, float]],
     only: Sequence[set[str]] | None = None,
-) -> list[dict[str, list[dict[str, Any]]]]:
-    """`{catalog: [matches]}` per position for every configured catalog (or the subset `only[i]`).
-    A catalog that fails (missing, no index) gives [] and a log line, as upstream."""
-    out: list[dict[str, list[dict[str, Any]]]] = [{} for _ in positions]
+) -> CrossMatches:
+    """Matches per position for every configured catalog (or the subset `only[i]`). A catalog the
+    database refuses to query is left out and named in `failed`; connection errors propagate."""
+    result = CrossMatches([{} for _ in positions])
     for catalog, spec in catalogs.items():
         wanted = [i for i in range(len(positions)) if only is None or catalog in only[i]]
         if not wanted:
             continue
         try:
             matches = await match_catalog(db, catalog, spec, [positions[i] for i in wanted])
-        except PyMongoError as exc:
-            log.warning("cross-match with %s failed: %s", catalog, exc)
-            matches = [[] for _ in wanted]
+        except OperationFailure as exc:
+            if database_unavailable(exc):
+                raise
+            log.error(
+                "cross-match with %s failed (left unmatched, retried later): %s", catalog, exc
+            )
+            result.failed[catalog] = str(exc)
+            continue
         for i, found in zip(wanted, matches, strict=True):
-            out[i][catalog] = found
-    return out
+            result.matches[i][catalog] = found
+    return result

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -10,7 +13,7 @@ from pymongo import AsyncMongoClient
 
 from ingester.ml import load_models
 from ingester.pipeline import Packet, Pipeline
-from kowalski.config import build_config
+from kowalski.config import ROOT, build_config
 from kowalski.surveys import SURVEYS, Survey
 
 from .conftest import ZTF_ALERTS
@@ -114,5 +117,71 @@ async def test_filters_autosave_followup_and_handoff(
     ).to_list()
     assert {r["filter_id"] for r in runs} == {1, 2}
     assert all(len(r["candids"]) == 12 and set(r["passed"]) == expected for r in runs)
+    await client.drop_database(cfg.database.db)
+    await client.close()
+
+
+async def test_a_filter_failing_on_one_alert_is_split_down_and_only_that_alert_fails(
+    test_environ: dict[str, str], mongo_uri: str
+) -> None:
+    """A real aggregation error on one alert only ($divide by zero where the candid is that
+    alert's): the batch run fails, is split down to single alerts, the other alerts are filtered
+    normally and only that alert is recorded failed, counted, and listed by the admin CLI."""
+    db_name = f"filters_{uuid.uuid4().hex[:8]}"
+    environ = {**test_environ, "KOWALSKI__database__db": db_name}
+    cfg = build_config([], environ)
+    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
+    db = client[cfg.database.db]
+    files = sorted((ZTF_ALERTS / "20200202").glob("*.avro"))
+    packets = [Packet("t", 0, i, f.read_bytes()) for i, f in enumerate(files)]
+    bad = int(files[5].stem)  # the file name is the alert's candid
+    divisor = {"$cond": [{"$eq": ["$candid", bad]}, 0, 1]}
+    pipeline = [{"$project": {"candid": 1, "objectId": 1, "x": {"$divide": [1, divisor]}}}]
+    await db.filters.insert_one(
+        {
+            "filter_id": 7,
+            "group_id": 70,
+            "catalog": "ZTF_alerts",
+            "permissions": [1, 2, 3],
+            "active": True,
+            "active_fid": "v1",
+            "fv": [{"fid": "v1", "pipeline": json.dumps(pipeline)}],
+        }
+    )
+    handed: list[dict[int, list[dict[str, Any]]]] = []
+
+    async def handoff(
+        survey: Survey, alerts: list[dict[str, Any]], passed: dict[int, list[dict[str, Any]]]
+    ) -> None:
+        handed.append(passed)
+
+    report = await Pipeline(cfg, db, {}, handoff=handoff).process(SURVEYS["ZTF"], packets)
+    candids = {int(f.stem) for f in files}
+    assert report.stored == 12 and report.filter_failures == 1 and report.filter_retries > 0
+    assert set(handed[0]) == candids - {bad}
+    runs = await db.filter_runs.find({"filter_id": 7}).to_list()
+    [failed] = [r for r in runs if r["state"] == "failed"]
+    assert failed["candids"] == [bad] and "divide by zero" in failed["error"]
+    assert {c for r in runs if r["state"] == "ok" for c in r["candids"]} == candids - {bad}
+    assert {c for r in runs for c in r["passed"]} == candids - {bad}
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "ingester", "failed-filters", "--json"],
+        cwd=ROOT,
+        env={**os.environ, **environ},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    [line] = listed.stdout.splitlines()
+    assert json.loads(line)["candids"] == [bad] and json.loads(line)["filter_id"] == 7
+
+    # the same batch again (as after a crash before the hand-off was recorded): nothing doubled
+    await db[cfg.database.collections.get("handoffs", "handoffs")].delete_many({})
+    again = await Pipeline(cfg, db, {}, handoff=handoff).process(SURVEYS["ZTF"], packets)
+    assert again.filter_failures == 1, again
+    assert len(handed) == 2 and set(handed[1]) == candids - {bad}, (len(handed), again)
+    assert await db.filter_runs.count_documents({"filter_id": 7}) == len(runs)
     await client.drop_database(cfg.database.db)
     await client.close()

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import fastavro
 import pytest
 from confluent_kafka import Producer
 from distributed import Client, LocalCluster
-from pymongo import MongoClient
+from pymongo import AsyncMongoClient, MongoClient
 
 from ingester.consumer import Ingester
-from ingester.decode import decode_packet
+from ingester.decode import decode_packet, writer_schema
+from ingester.ml import load_models
+from ingester.pipeline import Packet, Pipeline
 from ingester.replay import replay
 from kowalski.config import Config, build_config
 from kowalski.coords import coordinates_block
+from kowalski.surveys import SURVEYS as SURVEY_REGISTRY
 
 from .conftest import DATA, OTHER_ALERTS, ZTF_ALERTS
 from .test_ml import COLUMNS
@@ -38,12 +44,33 @@ EXPECTED = {  # alerts / objects per survey in the bundled real data
 FILTER = [{"$match": {"candidate.drb": {"$gt": 0.9}}}, {"$project": {"candid": 1, "objectId": 1}}]
 
 
+def altered_packet(path: Path, change: Callable[[dict[str, Any]], dict[str, Any]]) -> bytes:
+    """A real packet re-encoded with its own writer schema after `change` altered its alert."""
+    raw = path.read_bytes()
+    [record] = decode_packet(raw)
+    schema = fastavro.parse_schema(writer_schema(raw), _ignore_default_error=True)
+    out = io.BytesIO()
+    fastavro.writer(out, schema, [change(record)])
+    return out.getvalue()
+
+
+def packets_of(paths: list[Path]) -> list[Packet]:
+    return [Packet("t", 0, i, p.read_bytes()) for i, p in enumerate(paths)]
+
+
 def all_packets() -> list[Path]:
     return sorted([*ZTF_ALERTS.rglob("*.avro"), *OTHER_ALERTS.rglob("*.avro")])
 
 
 def night_config(test_environ: dict[str, str], kafka: str, tag: str, **extra: str) -> Config:
-    env = {
+    return build_config([], night_environ(test_environ, kafka, tag, **extra))
+
+
+def night_environ(
+    test_environ: dict[str, str], kafka: str, tag: str, **extra: str
+) -> dict[str, str]:
+    """Environment of an ingester of its own: database `ingest_<tag>`, topics ending in `_<tag>`."""
+    return {
         **test_environ,
         "KAFKA_BOOTSTRAP_SERVERS": kafka,
         "KOWALSKI__database__db": f"ingest_{tag}",
@@ -53,7 +80,6 @@ def night_config(test_environ: dict[str, str], kafka: str, tag: str, **extra: st
         "KOWALSKI__kafka__topics__TURBO": f"^turbo_[0-9]{{8}}_{tag}$",
         **extra,
     }
-    return build_config([], env)
 
 
 @pytest.fixture(scope="module")
@@ -326,3 +352,80 @@ def test_two_ingesters_share_partitions(
     assert len(db.ZTF_alerts.distinct("candid")) == 38
     assert sum(i.committed for i in ingesters) == 38  # each packet committed once, by one of them
     assert all(i.committed > 0 for i in ingesters)  # both took a share
+
+
+async def test_a_catalog_that_cannot_be_queried_is_left_unmatched_and_matched_later(
+    test_environ: dict[str, str], mongo_uri: str
+) -> None:
+    """A configured catalog whose query the database refuses (an invalid operator in its
+    configured filter): no alert is stored as "matched, nothing found"; the catalog stays absent
+    from `cross_matches`, is counted, and is matched with the object's next alert once fixed."""
+    cfg = build_config(
+        [], {**test_environ, "KOWALSKI__database__db": f"xmatch_{uuid.uuid4().hex[:8]}"}
+    )
+    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
+    db = client[cfg.database.db]
+    day = ZTF_ALERTS / "20200202"
+    later = day / "1127536316315015004.avro"  # the second alert of ZTF20aaelulx (same object)
+    first = [p for p in sorted(day.glob("*.avro")) if p != later]
+    alert = decode_packet(later.read_bytes())[0]
+    ra, dec = alert["candidate"]["ra"], alert["candidate"]["dec"]
+    await db.Nearby.insert_one({"_id": 1, "coordinates": coordinates_block(ra, dec)})
+    catalogs = cfg.database.xmatch["ZTF"]
+    spec = next(iter(catalogs.values()))
+    catalogs["Nearby"] = spec.model_copy(update={"filter": {"$notAnOperator": 1}})
+
+    report = await Pipeline(cfg, db, {}).process(SURVEY_REGISTRY["ZTF"], packets_of(first))
+    assert report.stored == 11 and report.xmatch_failures == 1
+    aux = await db.ZTF_alerts_aux.find({}).to_list()
+    assert len(aux) == 11
+    assert all("Nearby" not in a["cross_matches"] for a in aux)
+    assert all(set(a["cross_matches"]) == set(catalogs) - {"Nearby"} for a in aux)
+
+    catalogs["Nearby"] = spec.model_copy(update={"filter": {}})
+    report = await Pipeline(cfg, db, {}).process(SURVEY_REGISTRY["ZTF"], packets_of([later]))
+    assert report.xmatch_failures == 0
+    doc = await db.ZTF_alerts_aux.find_one({"_id": alert["objectId"]})
+    assert [m["_id"] for m in doc["cross_matches"]["Nearby"]] == [1]
+    await client.drop_database(cfg.database.db)
+    await client.close()
+
+
+async def test_ml_failures_are_counted_and_scores_left_absent(
+    test_environ: dict[str, str], mongo_uri: str
+) -> None:
+    """Two real model failures: braai configured with another model's ONNX file (ACAI's, which
+    wants features too, so every braai call fails), and one real packet altered so its science
+    cutout is not a gzipped FITS image (no model can score it). Scores are absent, never 0."""
+    cfg = build_config(
+        [],
+        {
+            **test_environ,
+            "KOWALSKI__database__db": f"ml_{uuid.uuid4().hex[:8]}",
+            "KOWALSKI__ml__ZTF__models__braai__onnx": "onnx/acai_h.d1_dnn_20201130.onnx",
+        },
+    )
+    models = load_models(cfg)
+    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
+    db = client[cfg.database.db]
+    paths = sorted((ZTF_ALERTS / "20200202").glob("*.avro"))
+    broken = int(paths[0].stem)
+
+    def garble_cutout(record: dict[str, Any]) -> dict[str, Any]:
+        record["cutoutScience"]["stampData"] = b"\x1f\x8b not a gzipped FITS stamp"
+        return record
+
+    packets = packets_of(paths)
+    packets[0] = Packet("t", 0, 0, altered_packet(paths[0], garble_cutout))
+    report = await Pipeline(cfg, db, {"ZTF": models}).process(SURVEY_REGISTRY["ZTF"], packets)
+    assert report.stored == 12
+    # 7 models x the broken alert + braai on the 11 others
+    assert report.ml_failures == len(models) + 11
+    docs = {d["candid"]: d["classifications"] async for d in db.ZTF_alerts.find()}
+    assert docs[broken] == {}
+    for candid, scores in docs.items():
+        assert "braai" not in scores
+        if candid != broken:
+            assert 0 < scores["acai_h"] < 1 and "bts" in scores
+    await client.drop_database(cfg.database.db)
+    await client.close()

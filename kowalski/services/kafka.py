@@ -91,7 +91,15 @@ def ensure_jars(cache_root: Path) -> Path:
 
 
 def cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A new cluster id as Kafka's `Uuid.randomUuid()` makes one: a random UUID in unpadded
+    base64url (22 characters), drawn again while it starts with '-' (the storage tool would read
+    it as an option) or is one of Kafka's reserved ids (all zeros, the metadata topic's 0...1)."""
+    reserved = {bytes(16), bytes(15) + b"\x01"}
+    while True:
+        raw = uuid.uuid4().bytes
+        text = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        if raw not in reserved and not text.startswith("-"):
+            return text
 
 
 def broker_ready(bootstrap: str, timeout: float = 1.0) -> bool:
