@@ -286,5 +286,8 @@ class Publisher:
         release_number(self._base, self._number)
         if self.producer is not None:
             self.producer.flush(TIMEOUT_S)
+            self.producer.close()
+            self.producer = None
         if self._mongo is not None:
             self._mongo.close()
+            self._mongo = None
