@@ -1,5 +1,6 @@
 """Filters API (admin only; SkyPortal/Fritz pushes filters here): versions, autosave,
-auto_followup, update_annotations, save-time test run, and test runs over archived alerts."""
+auto_followup, update_annotations, stream (results stream), save-time test run, and test runs
+over archived alerts."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from kowalski.filtering import (
     parse_pipeline,
     serialize_pipeline,
 )
+from kowalski.results import validate_stream
 
 AUTOSAVE_KEYS = {"active", "comment", "ignore_group_ids", "pipeline", "saver_id"}
 AUTO_FOLLOWUP_KEYS = {
@@ -56,6 +58,14 @@ def now() -> dt.datetime:
 def new_fid() -> str:
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(6))
+
+
+def stream_option(value: Any) -> bool | dict[str, bool]:
+    """The `stream` option (publish passes to the results stream), validated for storage."""
+    try:
+        return validate_stream(value)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def user_pipeline(value: Any, field: str = "pipeline") -> list[dict[str, Any]]:
@@ -177,6 +187,7 @@ async def filters_post(request: web.Request) -> web.Response:
     autosave, auto_followup = await check_options(
         request, base, body.get("autosave", False), body.get("auto_followup", {})
     )
+    stream = stream_option(body.get("stream", False))
     version = {"fid": new_fid(), "pipeline": serialize_pipeline(pipeline), "created_at": now()}
     if existing is None:
         await _filters(request).insert_one(
@@ -190,6 +201,7 @@ async def filters_post(request: web.Request) -> web.Response:
                 "autosave": autosave,
                 "auto_followup": auto_followup,
                 "update_annotations": bool(body.get("update_annotations", False)),
+                "stream": stream,
                 "fv": [version],
                 "created_at": now(),
                 "last_modified": now(),
@@ -202,6 +214,8 @@ async def filters_post(request: web.Request) -> web.Response:
                 update[key] = value
         if "update_annotations" in body:
             update["update_annotations"] = bool(body["update_annotations"])
+        if "stream" in body:
+            update["stream"] = stream
         await _filters(request).update_one(
             {"filter_id": filter_id}, {"$push": {"fv": version}, "$set": update}
         )
@@ -224,7 +238,8 @@ async def filters_get(request: web.Request) -> web.Response:
 
 @admin_required
 async def filters_patch(request: web.Request) -> web.Response:
-    """PATCH /api/filters: change active, active_fid, autosave, auto_followup, update_annotations."""
+    """PATCH /api/filters: change active, active_fid, autosave, auto_followup, update_annotations,
+    stream."""
     body = await read_body(request)
     filter_id = parse(FilterPatch, body).filter_id
     doc = await _get(request, filter_id)
@@ -242,6 +257,8 @@ async def filters_patch(request: web.Request) -> web.Response:
         update["active_fid"] = body["active_fid"]
     if "update_annotations" in body:
         update["update_annotations"] = bool(body["update_annotations"])
+    if "stream" in body:
+        update["stream"] = stream_option(body["stream"])
     if "autosave" in body or "auto_followup" in body:
         autosave, auto_followup = await check_options(
             request,

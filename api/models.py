@@ -872,6 +872,24 @@ def positive_int(value: Any, field: str) -> int:
 PositiveId = Annotated[int, WithJsonSchema({"type": "integer", "minimum": 1})]
 
 
+STREAM_SCHEMA = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "boolean"},
+            {
+                "type": "object",
+                "properties": {
+                    "active": {"type": "boolean"},
+                    "cutouts": {"type": "boolean"},
+                    "lightcurve": {"type": "boolean"},
+                },
+            },
+        ],
+        "description": "publish passes to the results stream (see README: Results stream)",
+    }
+)
+
+
 class FilterCreate(Model):
     """`POST /api/filters` (admin): a new filter, or a new version of one."""
 
@@ -887,6 +905,7 @@ class FilterCreate(Model):
     autosave: Annotated[Any, WithJsonSchema({"anyOf": [{"type": "boolean"}, OBJECT]})] = False
     auto_followup: Annotated[Any, WithJsonSchema(OBJECT)] = Field(default_factory=dict)
     update_annotations: Flag = False
+    stream: Annotated[Any, STREAM_SCHEMA] = False  # validated by api.filters.stream_option
 
     @field_validator("group_id", "filter_id", mode="before")
     @classmethod
@@ -911,7 +930,14 @@ class FilterCreate(Model):
         return value
 
 
-FILTER_PATCH_KEYS = ("active", "active_fid", "autosave", "auto_followup", "update_annotations")
+FILTER_PATCH_KEYS = (
+    "active",
+    "active_fid",
+    "autosave",
+    "auto_followup",
+    "update_annotations",
+    "stream",
+)
 
 
 class FilterPatch(Model):
@@ -925,6 +951,7 @@ class FilterPatch(Model):
     autosave: Annotated[Any, WithJsonSchema({"anyOf": [{"type": "boolean"}, OBJECT]})] = None
     auto_followup: Annotated[Any, WithJsonSchema(OBJECT)] = None
     update_annotations: Flag = False
+    stream: Annotated[Any, STREAM_SCHEMA] = None  # validated by api.filters.stream_option
 
     @field_validator("filter_id", mode="before")
     @classmethod

@@ -1,6 +1,8 @@
 """One batch through every stage: decode -> check -> dedup -> ML -> aux (history +
-cross-matches) -> alerts -> aliases -> filters -> hand-off -> completed. Data flows forward; each
-stage is called once per batch.
+cross-matches) -> alerts -> aliases -> filters -> hand-off -> results (stream records) ->
+completed. Data flows forward; each stage is called once per batch. The report carries the
+results-stream records of all the batch's alerts back to the consumer, which publishes them with
+the batch's offsets (`ingester.results`, `ingester.publisher`).
 
 A packet that cannot be decoded, checked or prepared goes to the `dead_letters` collection with
 the reason and its raw bytes; the rest of the batch goes on. Database errors propagate: the
@@ -39,6 +41,7 @@ from ingester import aliases, archive, filters, ml, shapes, xmatch
 from ingester.decode import MAGIC, decode_for, writer_schema
 from ingester.mongify import Parts
 from ingester.registry_client import registry_for_survey
+from ingester.results import ResultMessage, pending, record_passes
 from kowalski.config import Config
 from kowalski.coords import coordinates_problem
 from kowalski.surveys import Survey
@@ -73,6 +76,8 @@ class BatchReport:
     xmatch_failures: int = 0
     ml_failures: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # results stream: the outbox records of the batch's alerts, published by the consumer
+    messages: list[ResultMessage] = field(default_factory=list)
 
     def add(self, other: BatchReport) -> None:
         for name in _counters(type(self)):
@@ -287,9 +292,12 @@ class Pipeline:
     async def complete(
         self, survey: Survey, parts: list[Parts], passed: dict[int, list[Doc]], report: BatchReport
     ) -> None:
-        """Hand off, then record every alert of the batch as done."""
+        """Hand off, build the results-stream records, then record every alert as done."""
         with report.timed("handoff"):
             await self.handoff(survey, [p.alert for p in parts], passed)
+        with report.timed("results"):
+            await record_passes(self.db, self.cfg, survey, [p.alert for p in parts], passed)
+        with report.timed("handoff"):
             ledger = self.db[archive.handoffs_collection(self.cfg)]
             await archive.mark_completed(ledger, survey, [p.candid for p in parts], passed, now())
 
@@ -300,10 +308,12 @@ class Pipeline:
         report.alerts = len(decoded)
         with report.timed("dedup"):
             fresh = await self.dedup(survey, decoded, report)
-        if not fresh:
-            return report
-        parts = await self.prepare(survey, fresh, report)
-        await self.store(survey, parts, report)
-        passed = await self.filter(survey, parts, report)
-        await self.complete(survey, parts, passed, report)
+        if fresh:
+            parts = await self.prepare(survey, fresh, report)
+            await self.store(survey, parts, report)
+            passed = await self.filter(survey, parts, report)
+            await self.complete(survey, parts, passed, report)
+        with report.timed("results"):  # new or completed before: a re-delivered batch publishes
+            candids = [shapes.detection_id(survey, r) for _, r in decoded]
+            report.messages = await pending(self.db, self.cfg, survey, candids)
         return report

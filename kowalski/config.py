@@ -90,6 +90,17 @@ class ZTFMountain(_Strict):
     mountain_bind_port: int = 9999
 
 
+class ResultsStream(_Strict):
+    """Publishing filter passes to Kafka (see README, "Results stream")."""
+
+    enabled: bool = True
+    compression: Literal["zstd", "lz4", "gzip", "snappy", "none"] = "zstd"
+    # exactly once with Kafka transactions; false (or a broker without them): at least once
+    transactions: bool = True
+    # stable per ingester instance; default kowalski-results-<group>-<hostname>
+    transactional_id: str | None = None
+
+
 class Kafka(_Strict):
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         alias="default.topic.config.auto.offset.reset"
@@ -101,6 +112,22 @@ class Kafka(_Strict):
     scala_version: str
     processes_per_topic: dict[str, int]
     topics: dict[str, str]
+    results_topic: str = "kowalski_filter_{filter_id}"
+    results: ResultsStream = ResultsStream()
+
+    @field_validator("results_topic")
+    @classmethod
+    def _results_topic(cls, value: str) -> str:
+        try:
+            names = {value.format(filter_id=f, survey=s) for f in (1, 2) for s in ("a", "b")}
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"only {{filter_id}} and {{survey}} may be substituted ({exc})"
+            ) from None
+        if len(names) == 1:
+            raise ValueError("must contain {filter_id} (a topic per filter) or {survey}")
+        return value
+
     # Confluent schema registry for Confluent-framed streams (LSST); null: bundled schemas only
     schema_registry_url: str | None = None
     schema_registry_timeout_s: float = Field(default=5.0, gt=0)
