@@ -42,9 +42,11 @@ from api.models import (
 )
 from api.policy import DataRights, data_rights
 from api.responses import BadRequest, Forbidden, NotFound, TooManyRequests, stream_list, success
+from api.skymap import CELLS
 from api.state import CONFIG, DB
 from kowalski import cones
 from kowalski.config import Config
+from kowalski.skycells import CELL_FIELD, ranges_clause
 
 MESSAGE = "Successfully executed query"
 STREAM_AFTER = 500  # documents: larger results are streamed
@@ -399,19 +401,32 @@ async def q_near(ctx: QueryContext, query: NearQuery) -> web.StreamResponse:
     return success(MESSAGE, await gather_positional(catalogs, objects, run))
 
 
+def cell_ranges_clause(ranges: list[list[int]]) -> dict[str, Any]:
+    """A multi-order credible region (a union of HEALPix cells) selected exactly by the alerts'
+    order-29 sky cells; an empty region matches nothing."""
+    if not ranges:
+        return {CELL_FIELD: {"$in": []}}
+    return ranges_clause([(low, high) for low, high in ranges])
+
+
 async def q_skymap(ctx: QueryContext, query: SkymapQuery) -> web.StreamResponse:
     catalog = ctx.rights.check_catalog(query.catalog)
     contour = query.skymap.contour_key
     skymaps = ctx.db[ctx.cfg.database.collections["skymaps"]]
-    doc = await ctx.bounded(skymaps.find_one(query.skymap.selector(), {f"contours.{contour}": 1}))
+    projection = {f"contours.{contour}": 1, f"{CELLS}.{contour}": 1}
+    doc = await ctx.bounded(skymaps.find_one(query.skymap.selector(), projection))
     if doc is None:
         raise NotFound("skymap not found")
     geometry = doc.get("contours", {}).get(contour)
     if geometry is None:
         raise BadRequest(f"ValueError: Contour level {contour[7:]} not found in skymap")
-    geo = {"type": geometry["type"], "coordinates": geometry["coordinates"]}
-    within = {"coordinates.radec_geojson": {"$geoWithin": {"$geometry": geo}}}
-    flt = {"$and": [query.filter, within]}
+    ranges = doc.get(CELLS, {}).get(contour)
+    if ranges is not None and await cones.has_cells(ctx.db[catalog]):
+        region = cell_ranges_clause(ranges)
+    else:
+        geo = {"type": geometry["type"], "coordinates": geometry["coordinates"]}
+        region = {"coordinates.radec_geojson": {"$geoWithin": {"$geometry": geo}}}
+    flt = {"$and": [query.filter, region]}
     return await respond_cursor(ctx, find_docs(ctx, catalog, flt, query.projection))
 
 

@@ -42,7 +42,10 @@ from kowalski.skymaps import (
 RING_POINTS = 72
 FETCH_TIMEOUT_S = 30.0
 NO_SKYMAP = "no skymap found"
-Contours = tuple[str, dict[str, Any], dict[str, Any]]
+# (localization_name, center, {contourN: MultiPolygon}, {contourN: order-29 cell ranges}); the
+# ranges (multi-order maps only) are stored apart under `cells` so GET answers as upstream does
+Contours = tuple[str, dict[str, Any], dict[str, Any], dict[str, list[list[int]]]]
+CELLS = "cells"
 
 
 # ------------------------------------------------------------------ cones and polygons
@@ -89,7 +92,7 @@ def cone_contours(skymap: dict[str, Any], levels: list[int | float]) -> Contours
         )
         for lvl in levels
     }
-    return name, center, contours
+    return name, center, contours, {}
 
 
 def polygon_contours(skymap: dict[str, Any], levels: list[int | float]) -> Contours:
@@ -105,7 +108,7 @@ def polygon_contours(skymap: dict[str, Any], levels: list[int | float]) -> Conto
         ring.append(ring[0])
     lon, lat = np.mean([p[0] for p in ring[:-1]]), np.mean([p[1] for p in ring[:-1]])
     center = {"type": "Point", "coordinates": [float(lon), float(lat)]}
-    return name, center, {f"contour{lvl}": multipolygon([[ring]], lvl) for lvl in levels}
+    return name, center, {f"contour{lvl}": multipolygon([[ring]], lvl) for lvl in levels}, {}
 
 
 # ------------------------------------------------------------------ multi-order maps
@@ -144,24 +147,24 @@ async def multiorder_from_url(url: Any, levels: list[int | float]) -> Contours:
     content = await fetch_skymap(url)
     try:
         sky = await asyncio.to_thread(read_multiorder_fits, content)
-        center, contours = await asyncio.to_thread(multiorder_contours, sky, levels)
+        center, contours, cells = await asyncio.to_thread(multiorder_contours, sky, levels)
     except SkymapError as exc:
         raise BadRequest(f"skymap at {url}: {exc}") from None
-    return url_name(url), center, contours
+    return url_name(url), center, contours, cells
 
 
 async def multiorder_from_arrays(skymap: dict[str, Any], levels: list[int | float]) -> Contours:
     name = text(skymap.get("localization_name"), "skymap.localization_name")
     try:
         sky = multiorder_map(skymap["uniq"], skymap["probdensity"])
-        center, contours = await asyncio.to_thread(multiorder_contours, sky, levels)
+        center, contours, cells = await asyncio.to_thread(multiorder_contours, sky, levels)
     except SkymapError as exc:
         raise BadRequest(f"skymap: {exc}") from None
-    return name, center, contours
+    return name, center, contours, cells
 
 
 async def contours_for(skymap: dict[str, Any], levels: list[int | float]) -> Contours:
-    """(localization_name, center, {contourN: MultiPolygon}) for any accepted skymap form."""
+    """The Contours of any accepted skymap form."""
     if {"uniq", "probdensity"} <= set(skymap):
         return await multiorder_from_arrays(skymap, levels)
     if "url" in skymap:
@@ -227,18 +230,20 @@ async def skymap_put(request: web.Request) -> web.Response:
         source = body.skymap
     if dateobs is None:
         raise BadRequest("dateobs is required in the request body or the VOEvent")
-    name, center, contours = await contours_for(source, levels)
+    name, center, contours, cells = await contours_for(source, levels)
     coll = _skymaps(request)
     existing = await coll.find_one(lookup(dateobs, name, triggerid, aliases))
     summary: dict[str, Any] = {"dateobs": dateobs.isoformat(), "localization_name": name}
     if existing:
-        return await add_levels(coll, existing, contours, dateobs, summary)
+        return await add_levels(coll, existing, (contours, cells), dateobs, summary)
     doc: dict[str, Any] = {
         "dateobs": dateobs,
         "localization_name": name,
         "aliases": aliases,
         "contours": {"center": center, **contours},
     }
+    if cells:
+        doc[CELLS] = cells
     if triggerid is not None:
         doc["triggerid"] = triggerid
     try:
@@ -268,20 +273,22 @@ def already_exists(summary: dict[str, Any]) -> web.Response:
 async def add_levels(
     coll: Any,
     existing: dict[str, Any],
-    contours: dict[str, Any],
+    levels: tuple[dict[str, Any], dict[str, list[list[int]]]],
     dateobs: dt.datetime,
     summary: dict[str, Any],
 ) -> web.Response:
-    """Add the requested levels a stored skymap lacks (409 when it has them all, as upstream)."""
+    """Add the requested levels a stored skymap lacks (409 when it has them all, as upstream):
+    (contours, cells) as contours_for gives them."""
+    contours, cells = levels
     have = existing.get("contours", {})
     missing = {k: v for k, v in contours.items() if k not in have}
+    update = {f"contours.{k}": v for k, v in missing.items()}
+    update |= {f"{CELLS}.{k}": cells[k] for k in missing if k in cells}
     summary["contours"] = level_list([*have, *missing])
     if not missing:
         return already_exists(summary)
     try:
-        await coll.update_one(
-            {"_id": existing["_id"]}, {"$set": {f"contours.{k}": v for k, v in missing.items()}}
-        )
+        await coll.update_one({"_id": existing["_id"]}, {"$set": update})
     except (DocumentTooLarge, WriteError) as exc:
         raise BadRequest(f"{TOO_LARGE}: {exc}") from None
     return success(f"updated skymap for {dateobs} to add contours {level_list(missing)}", summary)
@@ -326,6 +333,7 @@ async def skymap_get(request: web.Request) -> web.Response:
             message = f"skymap exists but is missing contours {missing}"
             return json_response({"status": "error", "message": message})
     doc.pop("_id", None)
+    doc.pop(CELLS, None)
     doc["dateobs"] = doc["dateobs"].isoformat()
     return json_response({"status": "success", "data": doc})
 

@@ -29,6 +29,7 @@ from lxml import etree
 from mocpy import MOC
 
 from kowalski.config import ROOT
+from kowalski.skycells import CELL_ORDER, merge_ranges
 
 VOEVENT_XSD = ROOT / "data" / "skymaps" / "VOEvent-v2.0.xsd"
 MAX_ORDER = 29
@@ -206,6 +207,20 @@ def multipolygon(coordinates: list[list[Ring]], level: float) -> dict[str, Any]:
     }
 
 
+def moc_cell_ranges(moc: MOC) -> list[list[int]]:
+    """The MOC as merged inclusive ranges of order-29 nested indices (`coordinates.cell`): a
+    cell of order k holds the 4**(29 - k) order-29 indices from ipix << 2(29 - k) on."""
+    uniq = np.asarray(moc.uniq_hpx, dtype=np.uint64)
+    if uniq.size == 0:
+        return []
+    order = uniq_orders(uniq).astype(np.uint64)
+    ipix = uniq - (np.uint64(4) << (np.uint64(2) * order))
+    shift = np.uint64(2) * (np.uint64(CELL_ORDER) - order)
+    first = (ipix << shift).astype(np.int64)
+    last = (((ipix + np.uint64(1)) << shift) - np.uint64(1)).astype(np.int64)
+    return [list(r) for r in merge_ranges(zip(first.tolist(), last.tolist(), strict=True))]
+
+
 def credible_region(sky: MultiOrderMap, level: float) -> MOC:
     max_depth = int(uniq_orders(sky.uniq).max())
     return MOC.from_valued_healpix_cells(
@@ -215,8 +230,9 @@ def credible_region(sky: MultiOrderMap, level: float) -> MOC:
 
 def multiorder_contours(
     sky: MultiOrderMap, levels: list[int | float]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(center Point at the highest probability density, {contourN: MultiPolygon})."""
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[list[int]]]]:
+    """(center Point at the highest probability density, {contourN: MultiPolygon},
+    {contourN: the region's order-29 cell ranges})."""
     best = sky.uniq[int(np.argmax(sky.probdensity))]
     depth = int(uniq_orders(np.asarray([best]))[0])
     lon, lat = nested.healpix_to_lonlat(
@@ -226,11 +242,12 @@ def multiorder_contours(
         "type": "Point",
         "coordinates": [float(lon.to_value("deg")[0]) - 180.0, float(lat.to_value("deg")[0])],
     }
+    regions = {f"contour{level}": credible_region(sky, level) for level in levels}
     contours = {
-        f"contour{level}": multipolygon(moc_polygons(credible_region(sky, level)), level)
-        for level in levels
+        key: multipolygon(moc_polygons(moc), level)
+        for (key, moc), level in zip(regions.items(), levels, strict=True)
     }
-    return center, contours
+    return center, contours, {key: moc_cell_ranges(moc) for key, moc in regions.items()}
 
 
 # ------------------------------------------------------------------ VOEvents
