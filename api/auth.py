@@ -159,7 +159,8 @@ async def authenticate(request: web.Request) -> User | None:
         return None
     cfg: Config = request.app["config"]
     payload = decode_token(cfg, token_from_header(header))
-    user = await request.app["user_cache"].get(request, str(payload["user_id"]))
+    cache: UserCache = request.app["user_cache"]
+    user = await cache.get(request, str(payload["user_id"]))
     if user is None or not user.uid or payload["uid"] != user.uid:
         raise Unauthorized("the user of this token no longer exists")
     if payload["gen"] != user.generation:

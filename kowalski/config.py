@@ -259,7 +259,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path.name}: not valid YAML: {exc}".replace("\n", " ")) from exc
     if not isinstance(data, dict) or not isinstance(data.get("kowalski", {}), dict):
         raise ConfigError(f"{path.name}: expected a mapping under the root key 'kowalski'")
-    return data.get("kowalski", {})
+    section: dict[str, Any] = data.get("kowalski", {})
+    return section
 
 
 def _set_dotted(tree: dict[str, Any], keys: list[str], value: Any) -> None:
