@@ -82,6 +82,16 @@ def reexec_in_venv() -> None:
     os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(Path(__file__).resolve()), *sys.argv[1:]])
 
 
+def ensure_embedded_server() -> None:
+    """Build the embedded database server `secantusd-rs` once (pinned, cached, reused); where
+    that cannot be done the runner falls back to `secantusd-py` (kowalski/services/secantus.py)."""
+    if os.environ.get("MONGODB_URI"):
+        return
+    from kowalski.services.secantus import ensure_rs
+
+    ensure_rs()
+
+
 def git_version() -> str:
     try:
         short = subprocess.run(
@@ -149,6 +159,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     if args.local:
         from kowalski.local import run_local
 
+        ensure_embedded_server()
         sys.exit(run_local(replay=not args.no_replay, detach=args.detach))
     ensure_keyfile()
     compose = docker_compose()
@@ -251,6 +262,7 @@ def run_per_module(pytest_args: list[str]) -> int:
 
 def cmd_test(args: argparse.Namespace) -> None:
     reexec_in_venv()
+    ensure_embedded_server()
     pytest_args = [a for a in args.pytest_args if a not in TEST_FLAGS]
     started = time.monotonic()
     code = run_full(pytest_args, stress="--stress" in args.pytest_args)
@@ -265,13 +277,24 @@ def cmd_test(args: argparse.Namespace) -> None:
 def cmd_seed(args: argparse.Namespace) -> None:
     reexec_in_venv()
     check_config()
-    from kowalski.seed import seed
+    from kowalski.seed import seed, seed_cells
 
+    if args.index_cells:
+        sys.exit(seed_cells(args.index_cells))
     sys.exit(seed(Path(args.source), drop=args.drop))
+
+
+def cmd_feed(args: argparse.Namespace) -> None:
+    reexec_in_venv()
+    check_config()
+    from ingester.skyportal import main as feed_main
+
+    sys.exit(feed_main([args.feed_command]))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
     reexec_in_venv()
+    ensure_embedded_server()
     sys.exit(subprocess.run([sys.executable, "-m", "bench", *args.bench_args], cwd=ROOT).returncode)
 
 
@@ -329,7 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     seed = sub.add_parser("seed", help="load catalogs into the configured database")
     seed.add_argument("source", nargs="?", default="data/catalogs", help="directory of catalogs")
     seed.add_argument("--drop", action="store_true", help="drop each collection before loading")
+    seed.add_argument(
+        "--index-cells",
+        action="append",
+        metavar="COLLECTION",
+        help="instead of loading: add sky cells (and their index) to COLLECTION in place "
+        "(repeatable)",
+    )
     seed.set_defaults(func=cmd_seed)
+
+    feed = sub.add_parser("feed", help="the SkyPortal broker feed: outbox status")
+    feed.add_argument(
+        "feed_command", choices=["status"], help="status: pending/failed posts per kind"
+    )
+    feed.set_defaults(func=cmd_feed)
 
     bench = sub.add_parser("bench", help="run the benchmarks (bench/)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench")

@@ -170,6 +170,15 @@ class SkyPortal(_Strict):
     port: int = Field(ge=1, le=65535)
     username: str
     token: str | None = None
+    # the broker feed (ingester/skyportal*.py): HTTP behaviour and outbox delivery
+    timeout_s: float = Field(default=5.0, gt=0)
+    photometry_timeout_s: float = Field(default=15.0, gt=0)
+    followup_timeout_s: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=8, ge=1)
+    retries: int = Field(default=5, ge=0)
+    backoff_s: float = Field(default=2.0, ge=0)
+    max_backoff_s: float = Field(default=300.0, gt=0)
+    poll_s: float = Field(default=1.0, gt=0)
 
 
 class Dask(_Strict):

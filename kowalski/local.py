@@ -113,7 +113,8 @@ def run_local(replay: bool = True, detach: bool = False) -> int:
             mongo = EmbeddedMongo(var / "mongo", cfg.local.mongo_port, sync_on_commit=True).start()
             stack.append(mongo)
             env["MONGODB_URI"] = mongo.uri
-            say(f"embedded database (SecantusDB) at {mongo.uri}, data in {mongo.data_dir}")
+            server = mongo.server.command if mongo.server else "SecantusDB"
+            say(f"embedded database ({server}) at {mongo.uri}, data in {mongo.data_dir}")
 
         # kafka
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")

@@ -80,7 +80,7 @@ def test_bad_config_is_one_clear_line(tmp_path: Path, yaml_text: str, message: s
 
 
 def test_cli_help_and_missing_docker() -> None:
-    for command in ("up", "down", "build", "test", "seed", "develop", "lint", "bench"):
+    for command in ("up", "down", "build", "test", "seed", "develop", "lint", "bench", "feed"):
         result = run_cli(command, "--help", env=clean_env())
         assert result.returncode == 0 and "usage: kowalski.py" in result.stdout
     env = clean_env(PATH="/nonexistent")
