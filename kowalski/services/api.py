@@ -28,8 +28,6 @@ def gunicorn_command(cfg: Config, host: str, port: int, workers: int | None = No
         str(cfg.server.timeout),
         "--max-requests",
         str(cfg.server.max_requests),
-        "--chdir",
-        str(ROOT),
         "--no-control-socket",
         "api.app:app_factory",
     ]
