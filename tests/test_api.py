@@ -40,7 +40,8 @@ class Api:
     def token(self, username: str, password: str) -> str:
         r = requests.post(f"{self.url}/api/auth", json={"username": username, "password": password})
         assert r.status_code == 200, r.text
-        return r.json()["token"]
+        token: str = r.json()["token"]
+        return token
 
     def call(
         self, method: str, path: str, token: str | None = None, **kwargs: Any
@@ -79,7 +80,7 @@ def api(
     server = ApiServer(
         cfg, port, tmp_path_factory.mktemp("api") / "gunicorn.log", env, workers=2
     ).start()
-    client = MongoClient(mongo_uri)
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
     try:
         yield Api(server.url, port, cfg, client[db_name])
     finally:
@@ -168,7 +169,7 @@ def test_penquins_cone_search_returns_exactly_the_alerts_at_real_positions(api: 
 def test_cone_search_sexagesimal_and_list_forms(api: Api) -> None:
     k = api.penquins()
     # ZTF19abzrhgq at 71.6577756, -10.2263957 (upstream's documented example)
-    q = {
+    q: dict[str, Any] = {
         "query_type": "cone_search",
         "query": {
             "object_coordinates": {
@@ -915,7 +916,7 @@ def test_skymap_cone_put_query_delete(api: Api, users: dict[str, str]) -> None:
         "GET", f"/api/skymap?dateobs=2020-02-02T12:00:00&localization_name={name}", token
     )
     assert got.status_code == 200 and "contour90" in got.json()["data"]["contours"]
-    q = {
+    q: dict[str, Any] = {
         "query_type": "skymap",
         "query": {
             "skymap": {"localization_name": name, "dateobs": "2020-02-02T12:00:00", "contour": 90},
