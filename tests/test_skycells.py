@@ -200,7 +200,7 @@ async def test_cone_search_with_cells_equals_brute_force(
 ) -> None:
     load(sync_db, "with_cells", catalog)
     doc = found(sync_db.with_cells.find_one({"_id": 5}))
-    ra, dec = catalog.loc[5, ["ra", "dec"]].to_numpy(dtype=float).tolist()
+    ra, dec = (float(x) for x in catalog.loc[5, ["ra", "dec"]].to_numpy(dtype=float))
     assert doc["coordinates"]["cell"] == sky_cell(ra, dec)
     coll = async_db.with_cells
     assert await cones.has_cells(coll)
