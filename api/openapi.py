@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from kowalski.config import Config
+from kowalski.surveys import SURVEYS
 
 QUERY_TYPES = [
     "find",
@@ -177,8 +178,9 @@ def spec(cfg: Config) -> dict[str, Any]:
             "/api/cutouts/{survey}/{candid}/{cutout}/{file_format}": {
                 "parameters": [
                     _path_param(
-                        "survey", {"type": "string", "enum": ["ztf", "pgir", "wntr", "turbo"]}
+                        "survey", {"type": "string", "enum": [s.key for s in SURVEYS.values()]}
                     ),
+                    # the detection id: candid (ZTF, ...), diaSourceId (LSST)
                     _path_param("candid", {"type": "integer", "minimum": 0}),
                     _path_param(
                         "cutout", {"type": "string", "enum": ["science", "template", "difference"]}

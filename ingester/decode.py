@@ -1,4 +1,5 @@
-"""Stage 1: decode Avro alert packets (object container files) into dicts.
+"""Stage 1: decode Avro alert packets (object container files, or Confluent-framed records whose
+writer schema comes from a schema registry) into dicts.
 
 Each distinct writer schema is parsed once and cached (upstream re-parsed it for every packet).
 Schemas are parsed leniently about invalid union defaults, which some real packets (TURBO) carry
@@ -17,7 +18,12 @@ from typing import Any, cast
 import fastavro
 from fastavro import schemaless_reader
 
+from ingester.registry_client import SchemaRegistry, UnknownSchema, schema_id_of, version_of
+from kowalski.surveys import Survey
+
 MAGIC = b"Obj\x01"
+CONFLUENT_MAGIC = 0
+CONFLUENT_HEADER = 5  # magic byte + 4-byte big-endian schema id
 SYNC_SIZE = 16
 HEADER_SCHEMA = fastavro.parse_schema(
     {
@@ -109,3 +115,59 @@ def decode_packet(packet: bytes) -> list[dict[str, Any]]:
     if not records:
         raise DecodeError("Avro container holds no records")
     return records
+
+
+def confluent_schema_id(packet: bytes) -> int:
+    """The schema id of a Confluent-framed packet."""
+    if len(packet) < CONFLUENT_HEADER or packet[0] != CONFLUENT_MAGIC:
+        raise DecodeError("not a Confluent-framed record (no magic byte 0 + schema id)")
+    return int.from_bytes(packet[1:CONFLUENT_HEADER], "big")
+
+
+def decode_confluent(packet: bytes, schemas: SchemaRegistry) -> list[dict[str, Any]]:
+    """The one record of a Confluent-framed packet, with `schemavsn` (Rubin id 701 -> "7.1")."""
+    schema_id = confluent_schema_id(packet)
+    try:
+        schema = schemas.schema(schema_id)
+    except UnknownSchema as exc:
+        raise DecodeError(str(exc)) from None
+    buf = io.BytesIO(packet[CONFLUENT_HEADER:])
+    try:
+        record = schemaless_reader(buf, schema, None)
+    except (EOFError, ValueError, StopIteration, IndexError, UnicodeDecodeError) as exc:
+        raise DecodeError(
+            f"truncated or corrupt record for schema id {schema_id}: {exc!r}"
+        ) from None
+    left = len(packet) - CONFLUENT_HEADER - buf.tell()
+    if left:
+        raise DecodeError(f"{left} bytes left after the record (schema id {schema_id})")
+    return [{**record, "schemavsn": version_of(schema_id)}]
+
+
+def frame_confluent(schema_id: int, record: dict[str, Any], schema: Any) -> bytes:
+    """A record in Confluent wire format (what Rubin's Kafka stream sends)."""
+    buf = io.BytesIO()
+    buf.write(bytes([CONFLUENT_MAGIC]) + schema_id.to_bytes(4, "big"))
+    fastavro.schemaless_writer(buf, schema, record)
+    return buf.getvalue()
+
+
+def decode_for(
+    survey: Survey, packet: bytes, schemas: SchemaRegistry | None
+) -> list[dict[str, Any]]:
+    """Records of a packet of `survey`: container files for every survey; Confluent framing for
+    surveys that stream it. Records of Rubin container files also get their `schemavsn`."""
+    packet = bytes(packet)
+    if packet[:4] == MAGIC:
+        records = decode_packet(packet)
+        if survey.framing == "confluent":
+            schema = writer_schema(packet)
+            try:
+                version = version_of(schema_id_of(f"{schema.get('namespace')}.{schema['name']}"))
+            except (KeyError, ValueError) as exc:
+                raise DecodeError(f"writer schema without a Rubin version: {exc}") from None
+            records = [{**record, "schemavsn": version} for record in records]
+        return records
+    if survey.framing == "confluent" and schemas is not None:
+        return decode_confluent(packet, schemas)
+    return decode_packet(packet)

@@ -1,6 +1,6 @@
 """One batch through every stage: decode -> check -> dedup -> ML -> aux (history +
-cross-matches) -> alerts -> filters -> hand-off -> completed. Data flows forward; each stage is
-called once per batch.
+cross-matches) -> alerts -> aliases -> filters -> hand-off -> completed. Data flows forward; each
+stage is called once per batch.
 
 A packet that cannot be decoded, checked or prepared goes to the `dead_letters` collection with
 the reason and its raw bytes; the rest of the batch goes on. Database errors propagate: the
@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import math
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -35,10 +34,12 @@ from typing import Any
 from bson import Binary
 from pymongo.asynchronous.database import AsyncDatabase
 
-from ingester import archive, filters, ml, xmatch
-from ingester.decode import decode_packet, writer_schema
-from ingester.mongify import Parts, split_alert
+from ingester import aliases, archive, filters, ml, shapes, xmatch
+from ingester.decode import MAGIC, decode_for, writer_schema
+from ingester.mongify import Parts
+from ingester.registry_client import registry_for_survey
 from kowalski.config import Config
+from kowalski.coords import coordinates_problem
 from kowalski.surveys import Survey
 
 log = logging.getLogger("kowalski.ingester")
@@ -103,28 +104,31 @@ def schema_family(packet: bytes) -> str:
 
 
 def check_packet(survey: Survey, packet: bytes) -> str | None:
-    """Why a decodable packet is not an alert of `survey` (another stream's schema), or None."""
-    # each survey's writer schemas are named after its topic prefix (ztf.alert, winter.alert, …)
+    """Why a decodable packet is not an alert of `survey` (another stream's schema), or None.
+    A Confluent-framed packet has no embedded schema: its schema id chose the schema."""
+    if packet[:4] != MAGIC:
+        return None
+    # writer schemas are named by the survey's family (ztf.alert, winter.alert, lsst.v7_1.alert)
     family = schema_family(packet)
-    if family != survey.topic_prefix:
+    if family != survey.schema_family:
         return f"check: schema {family!r} is not a {survey.name} alert schema"
     return None
 
 
 def check_record(survey: Survey, record: Doc) -> str | None:
-    """Why a decoded alert cannot be archived (would poison the batch), or None."""
+    """Why a decoded alert cannot be archived (would poison the batch), or None. Surveys whose
+    records are not ZTF-like (LSST) have their own check (ingester/shapes.py)."""
+    own = shapes.record_check(survey)
+    if own is not None:
+        return own(record)
     if not isinstance(record.get("candid"), int):
         return "check: no integer candid"
     if not record.get(survey.object_key):
         return f"check: no {survey.object_key}"
     candidate = record.get("candidate") or {}
-    ra, dec = candidate.get("ra"), candidate.get("dec")
-    if not (isinstance(ra, int | float) and isinstance(dec, int | float)):
-        return f"check: no coordinates (ra={ra}, dec={dec})"
-    if not (math.isfinite(ra) and math.isfinite(dec)):
-        return f"check: coordinates not finite (ra={ra}, dec={dec})"
-    if not (0.0 <= ra <= 360.0 and -90.0 <= dec <= 90.0):
-        return f"check: coordinates out of range (ra={ra}, dec={dec})"
+    problem = coordinates_problem(candidate.get("ra"), candidate.get("dec"))
+    if problem:
+        return f"check: {problem}"
     missing = sorted(k for k, v in record.items() if k.lower().startswith("cutout") and v is None)
     if missing:
         return f"check: missing cutouts {missing}"
@@ -172,10 +176,11 @@ class Pipeline:
         self, survey: Survey, packets: Sequence[Packet], report: BatchReport
     ) -> list[tuple[Packet, Doc]]:
         decoded: list[tuple[Packet, Doc]] = []
+        schemas = registry_for_survey(self.cfg, survey)
         for packet in packets:
             records: list[Doc] = []
             try:
-                records = decode_packet(packet.value)
+                records = decode_for(survey, packet.value, schemas)
                 reason = check_packet(survey, packet.value)
             except Exception as exc:
                 reason = f"decode: {exc}"
@@ -194,16 +199,17 @@ class Pipeline:
         """Alerts not completed before, once each (a batch cut short is redone in full). A ledger
         record whose alert is no longer stored (collection dropped, re-seeded) does not count."""
         ledger = self.db[archive.handoffs_collection(self.cfg)]
-        done = await archive.completed_candids(ledger, survey, [r["candid"] for _, r in decoded])
+        ids = [shapes.detection_id(survey, r) for _, r in decoded]
+        done = await archive.completed_candids(ledger, survey, ids)
         if done:
             alerts = self.db[survey.alerts_collection(self.cfg)]
             done &= await archive.existing_candids(alerts, list(done))
         fresh: dict[int, tuple[Packet, Doc]] = {}
-        for packet, record in decoded:
-            if record["candid"] in done or record["candid"] in fresh:
+        for candid, (packet, record) in zip(ids, decoded, strict=True):
+            if candid in done or candid in fresh:
                 report.duplicates += 1
             else:
-                fresh[record["candid"]] = (packet, record)
+                fresh[candid] = (packet, record)
         return fresh
 
     async def prepare(
@@ -221,7 +227,7 @@ class Pipeline:
                 fresh.values(), scores.classifications, strict=True
             ):
                 try:
-                    part = split_alert(survey, record)
+                    part = shapes.split(survey, record)
                 except Exception as exc:
                     await self.dead_letter(
                         packet,
@@ -253,6 +259,8 @@ class Pipeline:
         with report.timed("store"):
             alerts = self.db[survey.alerts_collection(self.cfg)]
             report.stored = await archive.insert_alerts(alerts, [p.alert for p in parts])
+        with report.timed("aliases"):
+            await aliases.link(self.db, self.cfg, survey, [p.alert for p in parts])
 
     async def filter(
         self, survey: Survey, parts: list[Parts], report: BatchReport

@@ -92,12 +92,27 @@ class Kafka(_Strict):
     scala_version: str
     processes_per_topic: dict[str, int]
     topics: dict[str, str]
+    # Confluent schema registry for Confluent-framed streams (LSST); null: bundled schemas only
+    schema_registry_url: str | None = None
+    schema_registry_timeout_s: float = Field(default=5.0, gt=0)
 
 
 class IndexSpec(_Strict):
     name: str
     fields: list[tuple[str, int | str]]
     unique: bool = False
+
+
+class Aliases(_Strict):
+    """Cross-survey aliases: objects of paired surveys within `radius_arcsec` are linked."""
+
+    radius_arcsec: float = Field(default=1.5, gt=0)
+    pairs: list[tuple[str, str]] = []
+
+    def partners(self, survey: str) -> list[str]:
+        """The surveys whose objects `survey`'s objects are linked to."""
+        out = [b if a == survey else a for a, b in self.pairs if survey in (a, b)]
+        return sorted(set(out) - {survey})
 
 
 class Database(_Strict):
@@ -118,6 +133,7 @@ class Database(_Strict):
     indexes: dict[str, list[IndexSpec]]
     filters: dict[str, list[dict[str, Any]]]
     xmatch: dict[str, dict[str, XMatchCatalog]]
+    aliases: Aliases = Aliases()
 
     @field_validator("collections")
     @classmethod
@@ -162,6 +178,8 @@ class ML(_Strict):
     PGIR: InstrumentML = InstrumentML()
     WNTR: InstrumentML = InstrumentML()
     TURBO: InstrumentML = InstrumentML()
+    LSST: InstrumentML = InstrumentML()
+    DECAM: InstrumentML = InstrumentML()
 
 
 class SkyPortal(_Strict):
@@ -221,6 +239,8 @@ class Enabled(_Strict):
     pgir: bool = False
     wntr: bool = False
     turbo: bool = False
+    lsst: bool = False
+    decam: bool = False
 
 
 class Config(_Strict):

@@ -29,7 +29,16 @@ from .conftest import DATA, KOWALSKI, clean_env, run, run_cli
 
 pytestmark = pytest.mark.timeout(900)  # starting the instance, seeding and the bench take minutes
 README = ROOT / "README.md"
-BUNDLED_NIGHT = {"ZTF_alerts": 38, "PGIR_alerts": 17, "WNTR_alerts": 11, "TURBO_alerts": 11}
+# alerts per collection after `up --local` replays the bundled packets (LSST: 15 Confluent-framed
+# messages, 14 distinct diaSources)
+BUNDLED_NIGHT = {
+    "ZTF_alerts": 38,
+    "PGIR_alerts": 17,
+    "WNTR_alerts": 11,
+    "TURBO_alerts": 11,
+    "LSST_alerts": 14,
+    "DECAM_alerts": 1,
+}
 
 
 @dataclass
@@ -95,6 +104,7 @@ def local(
     port = free_port()
     anchored = {"ZTF": "^ztf_[0-9]{8}_programid[123]$", "PGIR": "^pgir_[0-9]{8}$"}
     anchored |= {"WNTR": "^winter_[0-9]{8}$", "TURBO": "^turbo_[0-9]{8}$"}
+    anchored |= {"LSST": "^lsst-alerts-v[0-9]+$", "DECAM": "^decam_[0-9]{8}$"}
     settings = {
         "server": {"port": port, "processes": 1},
         "local": {
