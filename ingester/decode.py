@@ -133,7 +133,7 @@ def decode_confluent(packet: bytes, schemas: SchemaRegistry) -> list[dict[str, A
         raise DecodeError(str(exc)) from None
     buf = io.BytesIO(packet[CONFLUENT_HEADER:])
     try:
-        record = schemaless_reader(buf, schema, None)
+        record = _read_record(buf, schema)
     except (EOFError, ValueError, StopIteration, IndexError, UnicodeDecodeError) as exc:
         raise DecodeError(
             f"truncated or corrupt record for schema id {schema_id}: {exc!r}"
