@@ -88,10 +88,10 @@ def reexec_in_venv() -> None:
 
 def ensure_embedded_server() -> None:
     """Build the embedded database server `secantusd-rs` once (pinned, cached, reused); where
-    that cannot be done the runner falls back to `secantusd-py` (kowalski/services/secantus.py)."""
+    that cannot be done the runner falls back to `secantusd-py` (kowalski/testing/secantus.py)."""
     if os.environ.get("MONGODB_URI"):
         return
-    from kowalski.services.secantus import ensure_rs
+    from kowalski.testing.secantus import ensure_rs
 
     ensure_rs()
 
@@ -161,7 +161,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     reexec_in_venv()
     check_config()
     if args.local:
-        from kowalski.local import run_local
+        from ops.local import run_local
 
         ensure_embedded_server()
         sys.exit(run_local(replay=not args.no_replay, detach=args.detach))
@@ -175,7 +175,7 @@ def cmd_up(args: argparse.Namespace) -> None:
 def cmd_down(args: argparse.Namespace) -> None:
     if args.local:
         reexec_in_venv()
-        from kowalski.local import stop_local
+        from ops.local import stop_local
 
         sys.exit(stop_local())
     sys.exit(subprocess.run([*docker_compose(), "down"], cwd=ROOT).returncode)
@@ -281,7 +281,7 @@ def cmd_test(args: argparse.Namespace) -> None:
 def cmd_seed(args: argparse.Namespace) -> None:
     reexec_in_venv()
     check_config()
-    from kowalski.seed import seed, seed_cells
+    from ops.seed import seed, seed_cells
 
     if args.index_cells:
         sys.exit(seed_cells(args.index_cells))

@@ -10,6 +10,8 @@ batches to the workers, commit offsets only after a batch is stored.
   group rebalanced meanwhile) is given up: the batch is re-delivered and recognised as done.
 - A restart resumes at the committed offsets; re-delivered alerts are harmless: completed ones
   are skipped (the `handoffs` ledger), a batch cut short is redone (see `ingester.pipeline`).
+- A batch that returns results-stream records (filters with `stream` on) commits its offsets in
+  the Kafka transaction that produces them (`ingester.publisher`): exactly once.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from distributed import Client, Future, WorkerPlugin, get_worker
 
 from ingester.archive import prepare_database
 from ingester.pipeline import BatchReport, Handoff, Packet, Pipeline, no_handoff
+from ingester.publisher import Publisher
+from ingester.results import prepare_outbox
 from kowalski.config import Config
 from kowalski.surveys import SURVEYS, survey_for_topic
 
@@ -184,6 +188,11 @@ class Ingester:
         self.assigned: set[tuple[str, int]] = set()
         self.consumer.subscribe(self.patterns, on_assign=self._on_assign, on_revoke=self._on_revoke)
         prepare_database(self.cfg, self.surveys)
+        prepare_outbox(self.cfg)
+        self.publisher = Publisher(
+            self.cfg, self.bootstrap_servers, self.consumer, self.group or self.cfg.kafka.group
+        )
+        self.publisher.start()
         plugin = IngesterPlugin(self.cfg, self.handoff)
         self.runtime = plugin.name
         self.client.register_plugin(plugin, name=plugin.name)
@@ -223,7 +232,12 @@ class Ingester:
                 )
                 head.attempts += 1
                 continue
-            self.commit(head)
+            if result.messages:
+                if not self.publisher.publish(result.messages, head.offsets(), self.assigned):
+                    self.in_flight.popleft()  # re-delivered to the partitions' new owner
+                    continue
+            else:
+                self.commit(head)
             self.committed += len(head.packets)
             self.report.add(result)
             self.in_flight.popleft()
@@ -295,6 +309,7 @@ class Ingester:
             self.drain()
         finally:
             self.consumer.close()
+            self.publisher.close()
         return self.report
 
 

@@ -1,6 +1,8 @@
 """One batch through every stage: decode -> check -> dedup -> ML -> aux (history +
-cross-matches) -> alerts -> aliases -> filters -> hand-off -> completed. Data flows forward; each
-stage is called once per batch.
+cross-matches) -> alerts -> aliases -> filters -> hand-off -> results (stream records) ->
+completed. Data flows forward; each stage is called once per batch. The report carries the
+results-stream records of all the batch's alerts back to the consumer, which publishes them with
+the batch's offsets (`ingester.results`, `ingester.publisher`).
 
 A packet that cannot be decoded, checked or prepared goes to the `dead_letters` collection with
 the reason and its raw bytes; the rest of the batch goes on. Database errors propagate: the
@@ -22,6 +24,7 @@ the score is absent).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import time
@@ -29,7 +32,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, get_type_hints
 
 from bson import Binary
 from pymongo.asynchronous.database import AsyncDatabase
@@ -38,6 +41,7 @@ from ingester import aliases, archive, filters, ml, shapes, xmatch
 from ingester.decode import MAGIC, decode_for, writer_schema
 from ingester.mongify import Parts
 from ingester.registry_client import registry_for_survey
+from ingester.results import ResultMessage, pending, record_passes
 from kowalski.config import Config
 from kowalski.coords import coordinates_problem
 from kowalski.surveys import Survey
@@ -72,11 +76,12 @@ class BatchReport:
     xmatch_failures: int = 0
     ml_failures: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # results stream: the outbox records of the batch's alerts, published by the consumer
+    messages: list[ResultMessage] = field(default_factory=list)
 
     def add(self, other: BatchReport) -> None:
-        for item in fields(self):
-            if item.type == "int":
-                setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
+        for name in _counters(type(self)):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         for stage, seconds in other.seconds.items():
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
@@ -89,6 +94,13 @@ class BatchReport:
         finally:
             elapsed = time.perf_counter() - start
             self.seconds[stage] = self.seconds.get(stage, 0.0) + elapsed
+
+
+@functools.cache
+def _counters(report: type[BatchReport]) -> tuple[str, ...]:
+    """The report's count fields (resolved types, whether annotations are strings or not)."""
+    hints = get_type_hints(report)
+    return tuple(item.name for item in fields(report) if hints[item.name] is int)
 
 
 async def no_handoff(survey: Survey, alerts: list[Doc], passed: dict[int, list[Doc]]) -> None:
@@ -280,9 +292,12 @@ class Pipeline:
     async def complete(
         self, survey: Survey, parts: list[Parts], passed: dict[int, list[Doc]], report: BatchReport
     ) -> None:
-        """Hand off, then record every alert of the batch as done."""
+        """Hand off, build the results-stream records, then record every alert as done."""
         with report.timed("handoff"):
             await self.handoff(survey, [p.alert for p in parts], passed)
+        with report.timed("results"):
+            await record_passes(self.db, self.cfg, survey, [p.alert for p in parts], passed)
+        with report.timed("handoff"):
             ledger = self.db[archive.handoffs_collection(self.cfg)]
             await archive.mark_completed(ledger, survey, [p.candid for p in parts], passed, now())
 
@@ -293,10 +308,12 @@ class Pipeline:
         report.alerts = len(decoded)
         with report.timed("dedup"):
             fresh = await self.dedup(survey, decoded, report)
-        if not fresh:
-            return report
-        parts = await self.prepare(survey, fresh, report)
-        await self.store(survey, parts, report)
-        passed = await self.filter(survey, parts, report)
-        await self.complete(survey, parts, passed, report)
+        if fresh:
+            parts = await self.prepare(survey, fresh, report)
+            await self.store(survey, parts, report)
+            passed = await self.filter(survey, parts, report)
+            await self.complete(survey, parts, passed, report)
+        with report.timed("results"):  # new or completed before: a re-delivered batch publishes
+            candids = [shapes.detection_id(survey, r) for _, r in decoded]
+            report.messages = await pending(self.db, self.cfg, survey, candids)
         return report

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from kowalski.services._process import free_port
+from kowalski.testing.process import free_port
 
 Doc = dict[str, Any]
 TOKEN = "test-token"

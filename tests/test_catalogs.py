@@ -14,12 +14,12 @@ from pymongo import MongoClient
 from pymongo.database import Database
 
 from api.app import app_factory
-from kowalski.catalogs import surveys
-from kowalski.catalogs.ingest import Columns, frame_chunks, ingest_chunks
-from kowalski.catalogs.readers import read_chunks
-from kowalski.catalogs.synthetic import generate
 from kowalski.config import Config, build_config
 from kowalski.coords import great_circle_distance
+from ops.catalogs import surveys
+from ops.catalogs.ingest import Columns, frame_chunks, ingest_chunks
+from ops.catalogs.readers import read_chunks
+from ops.catalogs.synthetic import generate
 
 from .conftest import DATA, found
 

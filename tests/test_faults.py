@@ -33,9 +33,9 @@ from ingester.decode import decode_packet
 from ingester.mongify import history_key
 from ingester.replay import replay
 from kowalski.config import ROOT, build_config
-from kowalski.services._process import free_port
-from kowalski.services.kafka import LocalKafka, cluster_id
-from kowalski.services.mongo import EmbeddedMongo
+from kowalski.testing.kafka import LocalKafka, cluster_id
+from kowalski.testing.mongo import EmbeddedMongo
+from kowalski.testing.process import free_port
 
 from .conftest import OTHER_ALERTS, ZTF_ALERTS, found
 from .test_ingestion import FILTER, altered_packet, night_environ

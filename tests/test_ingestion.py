@@ -289,8 +289,8 @@ def test_database_outage_is_retried_and_nothing_is_dropped(
     test_environ: dict[str, str], kafka_bootstrap: str, dask_client: Client, tmp_path: Path
 ) -> None:
     """The database goes away mid-stream and comes back: the batch waits/retries, then lands."""
-    from kowalski.services._process import free_port
-    from kowalski.services.mongo import EmbeddedMongo
+    from kowalski.testing.mongo import EmbeddedMongo
+    from kowalski.testing.process import free_port
 
     port = free_port()
     server = EmbeddedMongo(tmp_path / "db", port).start()

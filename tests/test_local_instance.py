@@ -23,7 +23,7 @@ from pymongo import MongoClient
 
 from kowalski.config import ROOT
 from kowalski.instance import LocalInstance, read_instance, state_path
-from kowalski.services._process import free_port
+from kowalski.testing.process import free_port
 
 from .conftest import DATA, KOWALSKI, clean_env, run, run_cli
 
@@ -175,7 +175,7 @@ def test_up_local_ingests_the_bundled_night_and_serves_it(local: Local) -> None:
 
 def test_catalog_commands_use_the_local_instance(local: Local) -> None:
     vlass = DATA / "catalogs" / "CIRADA_VLASS1QL_table1_components_v1_head100.csv"
-    python = [sys.executable, "-m", "kowalski.catalogs"]
+    python = [sys.executable, "-m", "ops.catalogs"]
     ingest = [*python, "ingest", str(vlass), "--collection", "VLASS_cli", "--ra", "RA"]
     ingest += ["--dec", "DEC", "--id", "Component_name"]
     synthetic = [*python, "synthetic", "--collection", "synthetic_cli", "--density", "100"]

@@ -40,9 +40,9 @@ from ingester.mongify import merge_prv_candidates
 from ingester.replay import messages_of, topic_for
 from kowalski.config import Config, build_config
 from kowalski.coords import coordinates_block
-from kowalski.services._process import free_port
-from kowalski.services.api import ApiServer
 from kowalski.surveys import SURVEYS
+from kowalski.testing.api import ApiServer
+from kowalski.testing.process import free_port
 
 from .conftest import DATA, ZTF_ALERTS
 

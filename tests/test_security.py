@@ -29,7 +29,7 @@ from api.queries import QUERY_SLOTS
 from api.safety import has_nested_quantifier
 from ingester.replay import ingest_files
 from kowalski.config import ROOT, Config, ConfigError, build_config, local_api_env
-from kowalski.services._process import free_port
+from kowalski.testing.process import free_port
 
 from .conftest import ztf_alert_files
 

@@ -16,9 +16,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.database import Database
 
 from kowalski import cones
-from kowalski.catalogs.ingest import Columns, frame_chunks, ingest_chunks
 from kowalski.coords import great_circle_distance
-from kowalski.seed import index_cells
 from kowalski.skycells import (
     CELL_FIELD,
     CELL_ORDER,
@@ -28,6 +26,8 @@ from kowalski.skycells import (
     sky_cell,
     sky_cells,
 )
+from ops.catalogs.ingest import Columns, frame_chunks, ingest_chunks
+from ops.seed import index_cells
 
 from .conftest import found
 

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from pymongo.database import Database
 
-from kowalski.catalogs.ingest import Columns, Report, frame_chunks, ingest_chunks
-from kowalski.catalogs.readers import CHUNK_ROWS, ReadError, count_rows, read_chunks, table_to_frame
+from ops.catalogs.ingest import Columns, Report, frame_chunks, ingest_chunks
+from ops.catalogs.readers import CHUNK_ROWS, ReadError, count_rows, read_chunks, table_to_frame
 
 Doc = dict[str, Any]
 ZTF_FILTERS = {"zg": 1, "zr": 2, "zi": 3}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kowalski.config import ROOT, Config
-from kowalski.services._process import ensure_port_free, start_process, stop_process, wait_until
+from kowalski.testing.process import ensure_port_free, start_process, stop_process, wait_until
 
 
 def gunicorn_command(cfg: Config, host: str, port: int, workers: int | None = None) -> list[str]:

@@ -1,6 +1,6 @@
-"""Ingest a catalog file: `python -m kowalski.catalogs ingest FILE --collection NAME
+"""Ingest a catalog file: `python -m ops.catalogs ingest FILE --collection NAME
 [--ra COL --dec COL --id COL] [--key /hdf5/table]`, or a synthetic one:
-`python -m kowalski.catalogs synthetic --collection NAME --density 1000 --center 10 20 --radius 1`."""
+`python -m ops.catalogs synthetic --collection NAME --density 1000 --center 10 20 --radius 1`."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from kowalski.catalogs.ingest import Columns, frame_chunks, ingest_chunks
-from kowalski.catalogs.readers import ReadError, count_rows, read_chunks
-from kowalski.catalogs.synthetic import generate
 from kowalski.config import load_config_or_exit
 from kowalski.connectivity import one_line_errors, require_database
 from kowalski.db import sync_client
+from ops.catalogs.ingest import Columns, frame_chunks, ingest_chunks
+from ops.catalogs.readers import ReadError, count_rows, read_chunks
+from ops.catalogs.synthetic import generate
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kowalski.catalogs", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ops.catalogs", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     ing = sub.add_parser("ingest", help="ingest a FITS/CSV/Parquet/HDF5 table")
     ing.add_argument("file", type=Path)

@@ -1,4 +1,5 @@
-"""Shared plumbing for the locally started servers: free-port checks, waiting, stopping."""
+"""The project's public helpers for starting real servers in tests (and in `up --local`): free
+ports, starting a process with its log, waiting until it answers, stopping it."""
 
 from __future__ import annotations
 

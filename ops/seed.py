@@ -18,14 +18,14 @@ from pymongo import UpdateOne
 from pymongo.collection import Collection
 from tqdm import tqdm
 
-from kowalski.catalogs.ingest import CHECKPOINTS, Report
-from kowalski.catalogs.readers import ReadError
-from kowalski.catalogs.surveys import ingester_for
 from kowalski.cones import GEO_FIELD
 from kowalski.config import Config, load_config
 from kowalski.connectivity import one_line_errors, require_database
 from kowalski.db import Document, create_index_sync, mongo_uri, sync_client
 from kowalski.skycells import CELL_FIELD, CELL_INDEX, CELL_INDEX_NAME, add_cells
+from ops.catalogs.ingest import CHECKPOINTS, Report
+from ops.catalogs.readers import ReadError
+from ops.catalogs.surveys import ingester_for
 
 ARCHIVES = (".dump", ".archive", ".dump.gz", ".archive.gz")
 CELL_BATCH = 1000
@@ -76,7 +76,7 @@ def _seed(cfg: Config, source: Path, drop: bool) -> int:
             ingester = ingester_for(path)
             if ingester is None:
                 notes.append(
-                    f"{path.name}: not a known catalog (use python -m kowalski.catalogs ingest)"
+                    f"{path.name}: not a known catalog (use python -m ops.catalogs ingest)"
                 )
                 continue
             try:

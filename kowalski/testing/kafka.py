@@ -1,6 +1,6 @@
 """Local Apache Kafka (KRaft, single node: broker + controller) for development and tests.
 
-The broker jars come from Maven Central through `services/kafka-pom.xml` (pinned version), cached
+The broker jars come from Maven Central through `kowalski/testing/kafka-pom.xml` (pinned version), cached
 under `var/kafka-libs/<version>/`; the broker runs on the machine's JDK. Point KAFKA_BOOTSTRAP_SERVERS
 at an existing broker to skip all of this.
 """
@@ -14,8 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kowalski.config import ROOT
-from kowalski.services._process import (
+from kowalski.testing.process import (
     ServiceError,
     ToolMissing,
     ensure_port_free,
@@ -25,7 +24,7 @@ from kowalski.services._process import (
     wait_until,
 )
 
-POM = ROOT / "services" / "kafka-pom.xml"
+POM = Path(__file__).with_name("kafka-pom.xml")
 LOG4J2 = """\
 Configuration:
   status: warn
