@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from ingester import xmatch
+from ingester.archive import handoffs_collection
 from ingester.decode import decode_packet, writer_schema
 from ingester.mongify import split_alert
 from ingester.replay import night
@@ -383,7 +384,8 @@ def history_documents(cfg: Config, night_: Night) -> list[Doc]:
     async def matches() -> list[dict[str, list[Doc]]]:
         client = async_client(cfg)
         try:
-            return await xmatch.cross_match(client[cfg.database.db], catalogs, positions)
+            found = await xmatch.cross_match(client[cfg.database.db], catalogs, positions)
+            return found.matches
         finally:
             await client.close()
 
@@ -404,6 +406,7 @@ def reset_archive(cfg: Config, history: list[Doc]) -> None:
             ZTF.aux_collection(cfg),
             collections["filter_runs"],
             collections["dead_letters"],
+            handoffs_collection(cfg),
         ):
             db.drop_collection(name)
         ensure_indexes_sync(db, cfg, ZTF.alerts_collection(cfg))
