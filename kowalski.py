@@ -21,6 +21,7 @@ import shutil
 import string
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -79,6 +80,16 @@ def reexec_in_venv() -> None:
         return
     ensure_venv()
     os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+def ensure_embedded_server() -> None:
+    """Build the embedded database server `secantusd-rs` once (pinned, cached, reused); where
+    that cannot be done the runner falls back to `secantusd-py` (kowalski/services/secantus.py)."""
+    if os.environ.get("MONGODB_URI"):
+        return
+    from kowalski.services.secantus import ensure_rs
+
+    ensure_rs()
 
 
 def git_version() -> str:
@@ -148,6 +159,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     if args.local:
         from kowalski.local import run_local
 
+        ensure_embedded_server()
         sys.exit(run_local(replay=not args.no_replay, detach=args.detach))
     ensure_keyfile()
     compose = docker_compose()
@@ -177,22 +189,112 @@ def cmd_build(args: argparse.Namespace) -> None:
         sys.exit(result.returncode)
 
 
+TEST_FLAGS = {
+    "--stress": "run the full suite with one CPU hog process per core (killed afterwards)",
+    "--per-module": "after the full run, run each tests/test_*.py alone (same pytest options)",
+}
+# busy until its parent (the test command) is gone, even if that one is killed with SIGKILL
+CPU_HOG = (
+    "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    sum(range(100_000))\n"
+)
+NO_TESTS_COLLECTED = 5
+
+
+def run_pytest(pytest_args: list[str]) -> int:
+    return subprocess.run([sys.executable, "-m", "pytest", *pytest_args], cwd=ROOT).returncode
+
+
+def start_cpu_hogs() -> list[subprocess.Popen[bytes]]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    hogs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CPU_HOG],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C goes to pytest; the hogs are ended below
+        )
+        for _ in range(cores or 1)
+    ]
+    print(f"--stress: {len(hogs)} CPU hog processes: {' '.join(str(h.pid) for h in hogs)}")
+    return hogs
+
+
+def stop_cpu_hogs(hogs: list[subprocess.Popen[bytes]]) -> None:
+    if not hogs:
+        return
+    for hog in hogs:
+        hog.kill()
+    for hog in hogs:
+        hog.wait()
+    print(f"--stress: stopped {len(hogs)} CPU hog processes")
+
+
+def run_full(pytest_args: list[str], stress: bool) -> int:
+    hogs = start_cpu_hogs() if stress else []
+    try:
+        return run_pytest(pytest_args or ["tests"])
+    finally:
+        stop_cpu_hogs(hogs)
+
+
+def is_test_path(arg: str) -> bool:
+    """`tests`, `tests/test_x.py`, `tests/test_x.py::test_y` (a target, not an option)."""
+    path = (ROOT / arg.split("::")[0]).resolve()
+    return path.exists() and path.is_relative_to(ROOT / "tests")
+
+
+def run_per_module(pytest_args: list[str]) -> int:
+    """Each test module alone (found now, so new modules are included), in its own random order."""
+    options = [a for a in pytest_args if not is_test_path(a)]
+    failed: list[str] = []
+    modules = sorted((ROOT / "tests").glob("test_*.py"))
+    for module in modules:
+        name = str(module.relative_to(ROOT))
+        print(f"\n===== {name} alone =====", flush=True)
+        if run_pytest([name, *options]) not in (0, NO_TESTS_COLLECTED):
+            failed.append(name)
+    print(f"\nper-module: {len(modules) - len(failed)} of {len(modules)} modules passed alone")
+    for name in failed:
+        print(f"per-module: FAILED alone: {name}")
+    return 1 if failed else 0
+
+
 def cmd_test(args: argparse.Namespace) -> None:
     reexec_in_venv()
-    pytest_args = args.pytest_args or ["tests"]
-    sys.exit(subprocess.run([sys.executable, "-m", "pytest", *pytest_args], cwd=ROOT).returncode)
+    ensure_embedded_server()
+    pytest_args = [a for a in args.pytest_args if a not in TEST_FLAGS]
+    started = time.monotonic()
+    code = run_full(pytest_args, stress="--stress" in args.pytest_args)
+    print(f"full run: exit status {code} after {time.monotonic() - started:.0f} s", flush=True)
+    if "--per-module" in args.pytest_args:
+        started = time.monotonic()
+        code = max(code, run_per_module(pytest_args))
+        print(f"per-module runs: {time.monotonic() - started:.0f} s", flush=True)
+    sys.exit(code)
 
 
 def cmd_seed(args: argparse.Namespace) -> None:
     reexec_in_venv()
     check_config()
-    from kowalski.seed import seed
+    from kowalski.seed import seed, seed_cells
 
+    if args.index_cells:
+        sys.exit(seed_cells(args.index_cells))
     sys.exit(seed(Path(args.source), drop=args.drop))
+
+
+def cmd_feed(args: argparse.Namespace) -> None:
+    reexec_in_venv()
+    check_config()
+    from ingester.skyportal import main as feed_main
+
+    sys.exit(feed_main([args.feed_command]))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
     reexec_in_venv()
+    ensure_embedded_server()
     sys.exit(subprocess.run([sys.executable, "-m", "bench", *args.bench_args], cwd=ROOT).returncode)
 
 
@@ -236,14 +338,34 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="write version.txt and build the Docker images")
     build.set_defaults(func=cmd_build)
 
-    test = sub.add_parser("test", help="run the test suite (installs everything it needs)")
+    test = sub.add_parser(
+        "test",
+        help="run the test suite in random order (installs everything it needs)",
+        description="Run the test suite (pytest, random order: replay one with --randomly-seed=N). "
+        "Other arguments go to pytest.",
+    )
+    for flag, text in TEST_FLAGS.items():
+        test.add_argument(flag, action="store_true", help=text)
     test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="arguments passed to pytest")
     test.set_defaults(func=cmd_test)
 
     seed = sub.add_parser("seed", help="load catalogs into the configured database")
     seed.add_argument("source", nargs="?", default="data/catalogs", help="directory of catalogs")
     seed.add_argument("--drop", action="store_true", help="drop each collection before loading")
+    seed.add_argument(
+        "--index-cells",
+        action="append",
+        metavar="COLLECTION",
+        help="instead of loading: add sky cells (and their index) to COLLECTION in place "
+        "(repeatable)",
+    )
     seed.set_defaults(func=cmd_seed)
+
+    feed = sub.add_parser("feed", help="the SkyPortal broker feed: outbox status")
+    feed.add_argument(
+        "feed_command", choices=["status"], help="status: pending/failed posts per kind"
+    )
+    feed.set_defaults(func=cmd_feed)
 
     bench = sub.add_parser("bench", help="run the benchmarks (bench/)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench")

@@ -30,7 +30,7 @@ from api.responses import BadRequest, Forbidden, NotFound, TooManyRequests, stre
 from api.safety import check_safe, parse_json_arg
 from kowalski import cones
 from kowalski.config import Config
-from kowalski.coords import RADIUS_TO_RAD, cone_clause, parse_dec, parse_ra
+from kowalski.coords import RADIUS_TO_RAD, parse_dec, parse_ra
 
 MESSAGE = "Successfully executed query"
 STREAM_AFTER = 500  # documents: larger results are streamed
@@ -484,9 +484,9 @@ async def q_cone_search(ctx: QueryContext, query: dict[str, Any]) -> web.StreamR
     filter_first = ctx.options.filter_first
 
     async def run(catalog: str, spec: dict[str, Any], ra: float, dec: float) -> list[Any]:
-        cone = cone_clause(ra, dec, radius)
-        user = {k: v for k, v in spec["filter"].items() if k not in cone}
-        flt = {**user, **cone} if filter_first else {**cone, **user}
+        cone = cones.cone_query(ra, dec, radius, await cones.has_cells(ctx.db[catalog]))
+        user = {k: v for k, v in spec["filter"].items() if k != cones.GEO_FIELD}
+        flt = cones.and_filters(user, cone) if filter_first else cones.and_filters(cone, user)
         return await find_list(ctx, catalog, flt, spec["projection"])
 
     if ctx.options.per_object:  # skip/limit/sort/hint apply to each object's query, as upstream
@@ -518,7 +518,8 @@ async def batched_cones(
             async with semaphore:
                 return await find_list(ctx, catalog, query, projection)
 
-        matches = await cones.search(find, positions, radius, spec["filter"])
+        cells = await cones.has_cells(ctx.db[catalog])
+        matches = await cones.search(find, positions, radius, spec["filter"], cells)
         return {
             name: [cones.strip_position(d) if strip else d for d, _ in found]
             for name, found in zip(names, matches, strict=True)

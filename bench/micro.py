@@ -32,7 +32,8 @@ from ingester.ml import load_models, score_batch
 from ingester.pipeline import BatchReport, Packet, Pipeline
 from kowalski.catalogs.ingest import Columns, frame_chunks, ingest_chunks
 from kowalski.catalogs.synthetic import generate
-from kowalski.config import ROOT, Config, build_config
+from kowalski.config import CONFIGURED, ROOT, Config, build_config, user_files
+from kowalski.connectivity import one_line_errors, require_database
 from kowalski.db import async_client, sync_client
 from kowalski.services._process import free_port
 from kowalski.services.mongo import EmbeddedMongo
@@ -212,37 +213,47 @@ async def bench_cone(cfg: Config) -> dict[str, float]:
 
 def run_micro(rounds: int, out: Path) -> int:
     """Run every micro benchmark; print the table and write the JSON to `out`."""
+    # the database: MONGODB_URI, else the running `up --local` instance, else one of its own
     server = None
-    env = dict(os.environ)
-    if not env.get("MONGODB_URI"):
+    env = {**os.environ, "KOWALSKI__database__db": "kowalski_bench"}
+    env["KOWALSKI__server__insecure_dev"] = "true"  # logs in as admin/admin
+    cfg = build_config(user_files(), env)
+    if cfg.origin("database") == CONFIGURED["database"]:
         server = EmbeddedMongo(
             Path(tempfile.mkdtemp(prefix="kowalski-bench-")) / "db", free_port()
         ).start()
-        env["MONGODB_URI"] = server.uri
-    env["KOWALSKI__database__db"] = "kowalski_bench"
-    env["KOWALSKI__server__insecure_dev"] = "true"  # logs in as admin/admin
+        cfg = build_config(user_files(), {**env, "MONGODB_URI": server.uri})
     try:
-        cfg = build_config([], env)
-        packets = [p.read_bytes() for p in PACKETS]
-        results: dict[str, Any] = {
-            "machine": {
-                "cpus": os.cpu_count(),
-                "database": "embedded SecantusDB" if server else "MONGODB_URI",
-            }
-        }
-        print("decode ...", flush=True)
-        results["decode"] = bench_decode(packets, repeat=5)
-        print("ml ...", flush=True)
-        results["ml"] = bench_ml(cfg, packets)
-        print("preparing synthetic catalogs and filters ...", flush=True)
-        prepare_db(cfg)
-        print("pipeline ...", flush=True)
-        results["pipeline"] = bench_pipeline(cfg, rounds)
-        print("cone_search API ...", flush=True)
-        results["cone_search"] = asyncio.run(bench_cone(cfg))
+        with one_line_errors(cfg):
+            require_database(cfg)
+            results = run_all(
+                cfg, rounds, "embedded SecantusDB" if server else cfg.origin("database")
+            )
     finally:
         if server:
             server.stop()
+    report(results, out)
+    return 0
+
+
+def run_all(cfg: Config, rounds: int, database: str) -> dict[str, Any]:
+    packets = [p.read_bytes() for p in PACKETS]
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "database": database}}
+    print(f"database: {database}", flush=True)
+    print("decode ...", flush=True)
+    results["decode"] = bench_decode(packets, repeat=5)
+    print("ml ...", flush=True)
+    results["ml"] = bench_ml(cfg, packets)
+    print("preparing synthetic catalogs and filters ...", flush=True)
+    prepare_db(cfg)
+    print("pipeline ...", flush=True)
+    results["pipeline"] = bench_pipeline(cfg, rounds)
+    print("cone_search API ...", flush=True)
+    results["cone_search"] = asyncio.run(bench_cone(cfg))
+    return results
+
+
+def report(results: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print()
@@ -288,4 +299,3 @@ def run_micro(rounds: int, out: Path) -> int:
     for name, ours, theirs, ratio in rows:
         print(f"{name:<22}{ours:>16.3f}{theirs:>16.3f}{ratio:>8.1f}x")
     print(f"\nfull results: {out}")
-    return 0

@@ -88,10 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with start_cluster(cfg, processes=not args.threads) as client:
-        ingester = Ingester(cfg, client, bootstrap, surveys)
-        logging.getLogger("kowalski.ingester").info("consuming %s", ingester.patterns)
-        report = ingester.run(stop=stop, until_idle=args.until_idle)
+    feed, delivery = None, None
+    if cfg.misc.broker:  # the SkyPortal feed: set up before anything is consumed, or stop here
+        from ingester.skyportal import FeedFactory, setup_or_exit
+        from ingester.skyportal_delivery import DeliveryThread
+
+        setup = setup_or_exit(cfg, surveys)
+        feed, delivery = FeedFactory(cfg, setup), DeliveryThread(cfg, setup).start()
+    try:
+        with start_cluster(cfg, processes=not args.threads) as client:
+            ingester = Ingester(cfg, client, bootstrap, surveys, handoff=feed)
+            logging.getLogger("kowalski.ingester").info("consuming %s", ingester.patterns)
+            report = ingester.run(stop=stop, until_idle=args.until_idle)
+    finally:
+        if delivery is not None:
+            logging.getLogger("kowalski.ingester").info("SkyPortal feed: %s", delivery.stop())
     logging.getLogger("kowalski.ingester").info("done: %s", report)
     return 0
 

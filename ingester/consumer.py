@@ -21,13 +21,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from distributed import Client, Future, WorkerPlugin, get_worker
 
 from ingester.archive import prepare_database
-from ingester.pipeline import BatchReport, Packet, Pipeline
+from ingester.pipeline import BatchReport, Handoff, Packet, Pipeline, no_handoff
 from kowalski.config import Config
 from kowalski.surveys import SURVEYS, survey_for_topic
 
@@ -51,13 +51,32 @@ RETRIED_COMMIT_ERRORS = frozenset(
 _RUNTIMES: dict[tuple[str, str], WorkerRuntime] = {}
 
 
+class HandoffFactory(Protocol):
+    """Picklable: builds a worker's hand-off stage around that worker's database."""
+
+    def __call__(self, db: Any) -> Handoff: ...
+
+
+def _finish_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Close a loop as `asyncio.run` does: let the tasks still pending on it (the database client's
+    background tasks) finish their cancellation first, so none is destroyed while pending."""
+    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
+
+
 class WorkerRuntime:
     """Per dask worker: loaded ML models, and per thread an event loop + database client."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, handoff: HandoffFactory | None = None) -> None:
         from ingester.ml import load_models
 
         self.cfg = cfg
+        self.handoff = handoff
         self.models = {name: load_models(cfg, name) for name in SURVEYS}
         self._local = threading.local()
         self._states: list[tuple[asyncio.AbstractEventLoop, Any]] = []
@@ -69,7 +88,9 @@ class WorkerRuntime:
 
             loop = asyncio.new_event_loop()
             client = async_client(self.cfg)
-            state = (loop, Pipeline(self.cfg, client[self.cfg.database.db], self.models))
+            db = client[self.cfg.database.db]
+            handoff = self.handoff(db) if self.handoff else no_handoff
+            state = (loop, Pipeline(self.cfg, db, self.models, handoff=handoff))
             self._local.state = state
             self._states.append((loop, client))
         return state
@@ -79,7 +100,7 @@ class WorkerRuntime:
             try:
                 if not loop.is_running() and not loop.is_closed():
                     loop.run_until_complete(client.close())
-                    loop.close()
+                    _finish_loop(loop)
             except RuntimeError as exc:  # loop owned by a thread that is gone
                 log.debug("closing a worker database client: %s", exc)
         self._states.clear()
@@ -96,13 +117,15 @@ class IngesterPlugin(WorkerPlugin):
 
     idempotent = True
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, handoff: HandoffFactory | None = None) -> None:
         self.cfg = cfg
-        digest = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+        self.handoff = handoff
+        identity = cfg.model_dump_json() + repr(handoff)
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         self.name = f"kowalski-ingester-{digest}"
 
     def setup(self, worker: Any) -> None:
-        _RUNTIMES[(worker.address, self.name)] = WorkerRuntime(self.cfg)
+        _RUNTIMES[(worker.address, self.name)] = WorkerRuntime(self.cfg, self.handoff)
 
     def teardown(self, worker: Any) -> None:
         runtime = _RUNTIMES.pop((worker.address, self.name), None)
@@ -138,6 +161,7 @@ class Ingester:
     surveys: list[str]
     group: str | None = None
     max_in_flight: int = 2
+    handoff: HandoffFactory | None = None  # e.g. the SkyPortal feed (ingester/skyportal.py)
     report: BatchReport = field(default_factory=BatchReport)
     committed: int = 0
 
@@ -160,7 +184,7 @@ class Ingester:
         self.assigned: set[tuple[str, int]] = set()
         self.consumer.subscribe(self.patterns, on_assign=self._on_assign, on_revoke=self._on_revoke)
         prepare_database(self.cfg, self.surveys)
-        plugin = IngesterPlugin(self.cfg)
+        plugin = IngesterPlugin(self.cfg, self.handoff)
         self.runtime = plugin.name
         self.client.register_plugin(plugin, name=plugin.name)
 

@@ -1,6 +1,7 @@
 """Stage: turn decoded alerts into archive documents (alert + the parts of per-object history).
 
-As upstream: `coordinates` (radec_str, radec_geojson [ra-180, dec], galactic l/b, ecliptic),
+As upstream: `coordinates` (radec_str, radec_geojson [ra-180, dec], galactic l/b, ecliptic; plus
+the sky `cell`, see kowalski/skycells.py),
 `classifications`, `prv_candidates` and `fp_hists` moved out of the alert into the aux document.
 """
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kowalski.coords import coordinates_block
+from kowalski.skycells import CELL_KEY, sky_cell
 from kowalski.surveys import Survey
 
 MISSING = -99999
@@ -79,6 +81,7 @@ def split_alert(survey: Survey, decoded: dict[str, Any]) -> Parts:
     candidate = alert["candidate"]
     alert["classifications"] = {}
     alert["coordinates"] = coordinates_block(candidate["ra"], candidate["dec"])
+    alert["coordinates"][CELL_KEY] = sky_cell(candidate["ra"], candidate["dec"])
     prv = [clean(p) for p in (alert.pop("prv_candidates", None) or [])]
     # the current detection belongs to the object's history too (upstream left it out)
     prv.append(clean(candidate))

@@ -1,9 +1,16 @@
 """Produce real alert packets (e.g. the bundled `data/` night) to their nightly Kafka topics:
-`ztf_<YYYYMMDD>_programid<N>`, `pgir_<date>`, `winter_<date>`, `turbo_<date>`."""
+`ztf_<YYYYMMDD>_programid<N>`, `pgir_<date>`, `winter_<date>`, `turbo_<date>`.
+
+    python -m ingester.replay [FILE_OR_DIRECTORY ...] [--suffix _test]
+
+produces the given `.avro` packets (default: the bundled alerts) to the Kafka that commands use
+(KAFKA_BOOTSTRAP_SERVERS, else the running `up --local` instance, else the configured one)."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -11,8 +18,8 @@ from confluent_kafka import Producer
 from tqdm import tqdm
 
 from ingester.decode import decode_packet
-from kowalski.config import Config
-from kowalski.surveys import SURVEYS, Survey, survey_of_path
+from kowalski.config import ROOT, Config
+from kowalski.surveys import SURVEYS, Survey, UnknownSurvey, bundled_packets, survey_of_path
 
 JD_UNIX_EPOCH = 2440587.5
 
@@ -25,6 +32,14 @@ def topic_for(packet: bytes, survey: Survey, suffix: str = "") -> str:
     """The nightly topic a packet belongs to, from its own candidate (jd, programid)."""
     candidate = decode_packet(packet)[0]["candidate"]
     return survey.nightly_topic(night(candidate["jd"]), candidate) + suffix
+
+
+def alert_files(paths: Iterable[Path]) -> list[Path]:
+    """The `.avro` files among `paths`, directories searched recursively."""
+    found: list[Path] = []
+    for path in paths:
+        found += sorted(path.rglob("*.avro")) if path.is_dir() else [path]
+    return found
 
 
 def replay(
@@ -84,3 +99,35 @@ def ingest_files(cfg: Config, files: Iterable[Path], batch_size: int = 64) -> di
             await client.close()
 
     return asyncio.run(run())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kowalski.config import load_config_or_exit
+    from kowalski.connectivity import one_line_errors, require_kafka
+
+    parser = argparse.ArgumentParser(prog="python -m ingester.replay", description=__doc__)
+    parser.add_argument("paths", nargs="*", type=Path, help="alert files or directories")
+    parser.add_argument("--suffix", default="", help="appended to every topic name")
+    args = parser.parse_args(argv)
+    files = alert_files(args.paths) if args.paths else bundled_packets(ROOT / "data")
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing or not files:
+        problem = f"no such file: {', '.join(missing)}" if missing else "no .avro files found"
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    cfg = load_config_or_exit()
+    with one_line_errors(cfg):
+        require_kafka(cfg)
+        try:
+            counts = replay(cfg.kafka.bootstrap_servers, files, args.suffix)
+        except (RuntimeError, UnknownSurvey) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    print(
+        f"replayed {sum(counts.values())} alerts to {len(counts)} topics at {cfg.kafka.bootstrap_servers}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

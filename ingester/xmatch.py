@@ -66,7 +66,8 @@ async def match_catalog(
         return await db[catalog].find(query, projection).to_list()
 
     results: list[list[dict[str, Any]]] = []
-    for matches in await cones.search(find, positions, radius_rad, spec.filter):
+    cells = await cones.has_cells(db[catalog])
+    for matches in await cones.search(find, positions, radius_rad, spec.filter, cells):
         kept = []
         for doc, sep_deg in matches:
             if spec.use_distance:

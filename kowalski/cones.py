@@ -1,21 +1,78 @@
-"""Many cone searches as few queries: an `$or` of `$geoWithin/$centerSphere` cones per chunk of
-positions, then each returned document assigned to the positions it lies within (great-circle
-distance). Used by the ingester's cross-match and the API's cone_search."""
+"""Cone searches, the one way. One cone: its sky-cell ranges (a B-tree pre-selection, see
+kowalski/skycells.py) AND `$geoWithin/$centerSphere` (the exact test). Many cones: one query per
+chunk of positions, the union of their cell ranges, every returned document then assigned to the
+positions it lies within by great-circle distance (the exact test; an `$or` of per-cone
+`{ranges, $geoWithin}` clauses was 2-3x slower than `$geoWithin` alone on secantusd-rs, the
+merged ranges 40x faster). Collections without sky cells get `$geoWithin` (an `$or` of cones).
+Used by the ingester's cross-match and the API's cone_search."""
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from kowalski.coords import cone_clause, great_circle_distance
+from kowalski.skycells import CELL_FIELD, cone_cell_clause, cones_cell_clause, is_cell_index
 
 GEO_FIELD = "coordinates.radec_geojson"
 POSITIONS_PER_QUERY = 64
 TOLERANCE = 1 + 1e-9
+CELL_CHECK_TTL_S = 60.0
 Doc = dict[str, Any]
+_cell_checks: dict[tuple[int, str], tuple[float, bool]] = {}
+
+
+async def _cells_complete(coll: Any) -> bool:
+    indexes = await coll.index_information()
+    names = [name for name, info in indexes.items() if is_cell_index(info["key"])]
+    if not names:
+        return False
+    # an index created over older documents (an upgraded deployment, a restored dump) is not
+    # enough: every located document must carry its cell, or the pre-selection would drop it
+    missing = await coll.find_one(
+        {CELL_FIELD: {"$exists": False}, GEO_FIELD: {"$exists": True}},
+        {"_id": 1},
+        hint=names[0],
+    )
+    return missing is None
+
+
+async def has_cells(coll: Any) -> bool:
+    """Whether cones on `coll` (an async collection) may pre-select by sky cell: a cell index
+    exists and no located document lacks its cell. Cached per collection for CELL_CHECK_TTL_S."""
+    key = (id(coll.database.client), coll.full_name)
+    now = time.monotonic()
+    cached = _cell_checks.get(key)
+    if cached and now - cached[0] < CELL_CHECK_TTL_S:
+        return cached[1]
+    answer = await _cells_complete(coll)
+    _cell_checks[key] = (now, answer)
+    return answer
+
+
+def forget_cell_checks() -> None:
+    """Drop the cached has_cells answers (after adding cells to a collection in place)."""
+    _cell_checks.clear()
+
+
+def cone_query(ra: float, dec: float, radius_rad: float, cells: bool) -> Doc:
+    """One cone (degrees, radius in radians): cell ranges AND `$geoWithin`, or the latter alone."""
+    geo = cone_clause(ra, dec, radius_rad)
+    return {**cone_cell_clause(ra, dec, radius_rad), **geo} if cells else geo
+
+
+def and_filters(first: Doc, second: Doc | None) -> Doc:
+    """Both filters: one document when their keys differ (the form every server plans best),
+    `$and` when they share one (e.g. both have an `$or`)."""
+    if not second:
+        return first
+    if first.keys() & second.keys():
+        return {"$and": [first, second]}
+    return {**first, **second}
 
 
 def is_inclusive(projection: dict[str, Any] | None) -> bool:
@@ -61,9 +118,15 @@ def chunks(
     ]
 
 
-def any_cone(positions: Sequence[tuple[float, float]], radius_rad: float) -> dict[str, Any]:
-    cones = [cone_clause(ra, dec, radius_rad) for ra, dec in positions]
-    return {"$or": cones} if len(cones) > 1 else cones[0]
+def any_cone(
+    positions: Sequence[tuple[float, float]], radius_rad: float, cells: bool = False
+) -> dict[str, Any]:
+    """The query of a chunk of cones: see the module's docstring."""
+    if len(positions) == 1:
+        return cone_query(*positions[0], radius_rad, cells)
+    if cells:
+        return cones_cell_clause(positions, radius_rad)
+    return {"$or": [cone_clause(ra, dec, radius_rad) for ra, dec in positions]}
 
 
 def assign(
@@ -87,14 +150,13 @@ async def search(
     positions: Sequence[tuple[float, float]],
     radius_rad: float,
     extra_filter: dict[str, Any] | None = None,
+    cells: bool = False,
 ) -> list[list[tuple[Doc, float]]]:
     """Matches (document, separation in degrees) for each position: one `find(query)` per chunk
     of positions; `find` must return documents with their position (see
-    projection_with_position)."""
+    projection_with_position). `cells`: the collection has sky cells (see has_cells)."""
     out: list[list[tuple[Doc, float]]] = []
     for _, chunk in chunks(positions):
-        query = any_cone(chunk, radius_rad)
-        if extra_filter:
-            query = {"$and": [query, extra_filter]}
+        query = and_filters(any_cone(chunk, radius_rad, cells), extra_filter)
         out.extend(assign(await find(query), chunk, radius_rad))
     return out

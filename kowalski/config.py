@@ -7,6 +7,10 @@ Environment overrides (applied in this order, later wins):
 - ``KAFKA_BOOTSTRAP_SERVERS`` -> ``kafka.bootstrap.servers`` and ``kafka.bootstrap.test.servers``,
 - ``KOWALSKI_JWT_SECRET_KEY``, ``KOWALSKI_ADMIN_PASSWORD``, ``SKYPORTAL_TOKEN``.
 
+The database and Kafka a command uses: ``MONGODB_URI`` / ``KAFKA_BOOTSTRAP_SERVERS``; else the running
+`up --local` instance (its state file under ``local.var_dir``); else the configured servers
+(`server_overrides`). ``Config.origin`` says which one was chosen, for error messages.
+
 Default secrets: the API refuses to start with the JWT secret or admin password of
 `config.defaults.yaml` (`check_secrets`), unless `server.insecure_dev: true` says this is a
 development server; `up --local` binds 127.0.0.1 and uses a random secret kept in `var/`
@@ -19,11 +23,14 @@ import copy
 import functools
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from kowalski.instance import read_instance, state_path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS_FILE = ROOT / "config.defaults.yaml"
@@ -167,6 +174,15 @@ class SkyPortal(_Strict):
     port: int = Field(ge=1, le=65535)
     username: str
     token: str | None = None
+    # the broker feed (ingester/skyportal*.py): HTTP behaviour and outbox delivery
+    timeout_s: float = Field(default=5.0, gt=0)
+    photometry_timeout_s: float = Field(default=15.0, gt=0)
+    followup_timeout_s: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=8, ge=1)
+    retries: int = Field(default=5, ge=0)
+    backoff_s: float = Field(default=2.0, ge=0)
+    max_backoff_s: float = Field(default=300.0, gt=0)
+    poll_s: float = Field(default=1.0, gt=0)
 
 
 class Dask(_Strict):
@@ -223,11 +239,16 @@ class Config(_Strict):
     misc: Misc
     local: Local
     enabled: Enabled
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 
     def path(self, relative: str) -> Path:
         """Resolve a path from the config relative to the repository root."""
         p = Path(relative)
         return p if p.is_absolute() else ROOT / p
+
+    def origin(self, service: Literal["database", "kafka"]) -> str:
+        """Where the address of `service` came from (see `server_overrides`)."""
+        return self._origins.get(service, CONFIGURED[service])
 
 
 Database.model_rebuild()
@@ -287,6 +308,46 @@ def env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     return tree
 
 
+CONFIGURED = {
+    "database": "the configured server, database.* in config.yaml/config.defaults.yaml",
+    "kafka": "the configured server, kafka.bootstrap.servers in config.yaml/config.defaults.yaml",
+}
+
+
+def _first_set(environ: Mapping[str, str], names: tuple[str, ...]) -> str | None:
+    return next((name for name in names if environ.get(name)), None)
+
+
+def server_overrides(
+    merged: dict[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Which database and Kafka to use: an address from the environment; else the running
+    `up --local` instance; else the configured one. Returns overrides and each address's origin."""
+    db_env = _first_set(environ, ("MONGODB_URI", "KOWALSKI__database__uri"))
+    kafka_env = _first_set(
+        environ, ("KAFKA_BOOTSTRAP_SERVERS", "KOWALSKI__kafka__bootstrap.servers")
+    )
+    origins = {
+        "database": db_env or CONFIGURED["database"],
+        "kafka": kafka_env or CONFIGURED["kafka"],
+    }
+    local = merged.get("local")
+    var_dir = local.get("var_dir") if isinstance(local, dict) else None
+    instance = read_instance(ROOT / var_dir) if isinstance(var_dir, str) else None
+    if instance is None:
+        return {}, origins
+    where = f"the running local instance (pid {instance.pid}, {state_path(ROOT / str(var_dir))})"
+    tree: dict[str, Any] = {}
+    if not db_env:
+        tree["database"] = {"uri": instance.mongodb_uri}
+        origins["database"] = where
+    if not kafka_env and instance.kafka_bootstrap_servers:
+        servers = instance.kafka_bootstrap_servers
+        tree["kafka"] = {"bootstrap.servers": servers, "bootstrap.test.servers": servers}
+        origins["kafka"] = where
+    return tree, origins
+
+
 def _format_error(exc: ValidationError) -> str:
     first = exc.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
@@ -304,18 +365,28 @@ def build_config(files: list[Path] | None = None, environ: dict[str, str] | None
     for path in files if files is not None else [USER_FILE]:
         if path.exists():
             merged = deep_merge(merged, _read_yaml(path))
-    merged = deep_merge(merged, env_overrides(dict(os.environ if environ is None else environ)))
+    env = dict(os.environ if environ is None else environ)
+    merged = deep_merge(merged, env_overrides(env))
+    servers, origins = server_overrides(merged, env)
+    merged = deep_merge(merged, servers)
     try:
-        return Config.model_validate(merged)
+        cfg = Config.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None
+    cfg._origins = origins
+    return cfg
+
+
+def user_files() -> list[Path] | None:
+    """The user's configuration: KOWALSKI_CONFIG if set, else (None) config.yaml."""
+    extra = os.environ.get("KOWALSKI_CONFIG")
+    return [Path(extra)] if extra else None
 
 
 @functools.cache
 def load_config() -> Config:
     """The process-wide configuration (config.yaml + environment), validated once."""
-    extra = os.environ.get("KOWALSKI_CONFIG")
-    return build_config([Path(extra)] if extra else None)
+    return build_config(user_files())
 
 
 def load_config_or_exit() -> Config:

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 from kowalski.config import ROOT, Config, load_config, local_api_env
+from kowalski.db import mongo_uri
+from kowalski.instance import LocalInstance, read_instance, remove_instance, write_instance
 from kowalski.services._process import (
     ServiceError,
     ToolMissing,
@@ -48,6 +50,25 @@ def say(message: str) -> None:
     print(f"kowalski: {message}", flush=True)
 
 
+def already_running(cfg: Config) -> str | None:
+    """One line when another `up --local` on this var directory is running, else None."""
+    running = read_instance(var_dir(cfg))
+    if running is None:
+        return None
+    return (
+        f"a local Kowalski is already running (pid {running.pid}, API at {running.api_url}); "
+        "stop it first with ./kowalski.py down --local"
+    )
+
+
+def _is_up(cfg: Config, pid: int) -> bool:
+    """The supervisor `pid` wrote its state file and its API answers."""
+    running = read_instance(var_dir(cfg))
+    return bool(
+        running and running.pid == pid and answers(f"{running.api_url}/docs/api/openapi.json")
+    )
+
+
 def _detach(replay: bool) -> int:
     cfg = load_config()
     log = var_dir(cfg) / "logs" / "local.log"
@@ -55,9 +76,8 @@ def _detach(replay: bool) -> int:
         [] if replay else ["--no-replay"]
     )
     proc = start_process(cmd, log, cwd=ROOT)
-    url = f"http://127.0.0.1:{cfg.server.port}/docs/api/openapi.json"
     try:
-        wait_until(lambda: answers(url), proc, 300, "Kowalski (local)", log)
+        wait_until(lambda: _is_up(cfg, proc.pid), proc, 300, "Kowalski (local)", log)
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -68,9 +88,13 @@ def _detach(replay: bool) -> int:
 
 
 def run_local(replay: bool = True, detach: bool = False) -> int:
+    cfg = load_config()
+    busy = already_running(cfg)
+    if busy:
+        print(f"error: {busy}", file=sys.stderr)
+        return 1
     if detach:
         return _detach(replay)
-    cfg = load_config()
     var = var_dir(cfg)
     logs = var / "logs"
     env = dict(os.environ)
@@ -89,7 +113,8 @@ def run_local(replay: bool = True, detach: bool = False) -> int:
             mongo = EmbeddedMongo(var / "mongo", cfg.local.mongo_port, sync_on_commit=True).start()
             stack.append(mongo)
             env["MONGODB_URI"] = mongo.uri
-            say(f"embedded database (SecantusDB) at {mongo.uri}, data in {mongo.data_dir}")
+            server = mongo.server.command if mongo.server else "SecantusDB"
+            say(f"embedded database ({server}) at {mongo.uri}, data in {mongo.data_dir}")
 
         # kafka
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -142,7 +167,10 @@ def run_local(replay: bool = True, detach: bool = False) -> int:
             stored = ingest_files(cfg, bundled_alerts())
             say(f"stored bundled alerts directly: {stored}")
 
-        say("up. Ctrl-C (or ./kowalski.py down --local) stops everything.")
+        api_url = f"http://127.0.0.1:{cfg.server.port}"
+        state = write_instance(var, LocalInstance(os.getpid(), mongo_uri(cfg), bootstrap, api_url))
+        say(f"up. Other commands use this instance ({state}).")
+        say("Ctrl-C (or ./kowalski.py down --local) stops everything.")
         while not stop.wait(1.0):
             for item in stack:
                 if isinstance(item, subprocess.Popen) and item.poll() is not None:
@@ -156,6 +184,7 @@ def run_local(replay: bool = True, detach: bool = False) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        remove_instance(var, os.getpid())
         say("stopping")
         for item in reversed(stack):
             if isinstance(item, subprocess.Popen):
@@ -176,6 +205,7 @@ def stop_local() -> int:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         path.unlink(missing_ok=True)
+        remove_instance(var_dir(cfg), pid)
         say("it had already stopped")
         return 0
     deadline = time.monotonic() + 120
@@ -183,6 +213,7 @@ def stop_local() -> int:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
+            remove_instance(var_dir(cfg), pid)
             say("stopped")
             return 0
         time.sleep(0.5)

@@ -8,6 +8,8 @@ Nothing here mocks either server.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from kowalski.services._process import free_port
 from kowalski.services.kafka import LocalKafka
 from kowalski.services.mongo import EmbeddedMongo
 
+KOWALSKI = [sys.executable, str(ROOT / "kowalski.py")]
 DATA = ROOT / "data"
 ZTF_ALERTS = DATA / "ztf_alerts"
 OTHER_ALERTS = DATA / "other_alerts"
@@ -63,11 +66,16 @@ def test_db_name() -> str:
 
 
 @pytest.fixture(scope="session")
-def test_environ(mongo_uri: str, test_db_name: str) -> dict[str, str]:
+def test_environ(
+    mongo_uri: str, test_db_name: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """The environment of the tests' configurations: the session database, and a var directory
+    of its own, so a developer's running `up --local` instance (var/) is never picked up."""
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith("KOWALSKI")},
         "MONGODB_URI": mongo_uri,
         "KOWALSKI__database__db": test_db_name,
+        "KOWALSKI__local__var_dir": str(tmp_path_factory.mktemp("var")),
         "KOWALSKI_JWT_SECRET_KEY": "test-" + uuid.uuid4().hex,
         "KOWALSKI__server__insecure_dev": "true",  # tests log in as admin/admin
     }
@@ -89,3 +97,28 @@ async def mongo(cfg: Config, mongo_uri: str) -> AsyncIterator[AsyncMongoClient]:
 
 def ztf_alert_files() -> list[Path]:
     return sorted(ZTF_ALERTS.rglob("*.avro"))
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`./kowalski.py ARGS` as a user runs it, in the repository root."""
+    return run(*KOWALSKI, *args, env=env, timeout=timeout)
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args), capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
+    )
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without any Kowalski, database or Kafka setting, plus `extra`."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("KOWALSKI", "MONGODB_URI", "KAFKA_BOOTSTRAP"))
+    }
+    return {**base, **extra}

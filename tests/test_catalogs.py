@@ -34,18 +34,19 @@ CLASSIFICATIONS = CATALOGS / "ztf_source_classifications" / "xgb" / "d15.e.c" / 
 QUIET = {"progress": False}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def catalog_cfg(test_environ: dict[str, str]) -> Config:
+    """A database of its own per test: no test sees what another one ingested."""
     return build_config(
         [], {**test_environ, "KOWALSKI__database__db": f"catalogs_{uuid.uuid4().hex[:8]}"}
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def db(mongo_uri: str, catalog_cfg: Config) -> Iterator[Database]:
-    client: MongoClient = MongoClient(mongo_uri)
-    yield client[catalog_cfg.database.db]
-    client.close()
+    with MongoClient(mongo_uri) as client:
+        yield client[catalog_cfg.database.db]
+        client.drop_database(catalog_cfg.database.db)
 
 
 def test_vlass(db: Database) -> None:
@@ -90,10 +91,11 @@ def test_ztf_source_features_and_classifications(db: Database) -> None:
 
 
 def test_ingesting_twice_adds_nothing(db: Database) -> None:
-    before = db.IGAPS_DR2.count_documents({})
-    [report] = surveys.igaps(db, IGAPS, **QUIET)
-    assert report.ingested == 100 and report.new == 0
-    assert db.IGAPS_DR2.count_documents({}) == before == 100
+    [first] = surveys.igaps(db, IGAPS, **QUIET)
+    assert first.ingested == first.new == 100
+    [again] = surveys.igaps(db, IGAPS, **QUIET)
+    assert again.ingested == 100 and again.new == 0
+    assert db.IGAPS_DR2.count_documents({}) == 100
 
 
 def test_bad_rows_are_reported_never_stored(db: Database, tmp_path: Path) -> None:
@@ -175,8 +177,7 @@ def test_synthetic_catalog_is_realistic() -> None:
 async def test_api_cone_search_finds_ingested_sources(
     aiohttp_client: Any, catalog_cfg: Config, db: Database
 ) -> None:
-    if db.VLASS_DR1.count_documents({}) == 0:
-        surveys.vlass(db, VLASS, **QUIET)
+    surveys.vlass(db, VLASS, **QUIET)
     client = await aiohttp_client(await app_factory(catalog_cfg))
     auth = await client.post("/api/auth", json={"username": "admin", "password": "admin"})
     token = (await auth.json())["token"]

@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from penquins import Kowalski
+import yaml
 
 from kowalski.config import ROOT, ConfigError, build_config, deep_merge, env_overrides
+from kowalski.instance import LocalInstance, state_path, write_instance
 from kowalski.services._process import free_port
 
-KOWALSKI = [sys.executable, str(ROOT / "kowalski.py")]
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*KOWALSKI, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
-    )
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("KOWALSKI", "MONGODB_URI", "KAFKA_BOOTSTRAP"))
-    }
-    return {**base, **extra}
+from .conftest import DATA, KOWALSKI, clean_env, run, run_cli
 
 
 def test_defaults_validate_and_merge(tmp_path: Path) -> None:
@@ -96,7 +80,7 @@ def test_bad_config_is_one_clear_line(tmp_path: Path, yaml_text: str, message: s
 
 
 def test_cli_help_and_missing_docker() -> None:
-    for command in ("up", "down", "build", "test", "seed", "develop", "lint", "bench"):
+    for command in ("up", "down", "build", "test", "seed", "develop", "lint", "bench", "feed"):
         result = run_cli(command, "--help", env=clean_env())
         assert result.returncode == 0 and "usage: kowalski.py" in result.stdout
     env = clean_env(PATH="/nonexistent")
@@ -136,56 +120,111 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path, mongo_uri: str) -> None:
     assert f"cannot start the API: port {port} on 127.0.0.1 is already in use" in result.stderr
 
 
-def test_up_local_ingests_the_bundled_night_and_serves_it(
-    tmp_path: Path, kafka_bootstrap: str
-) -> None:
-    """The README's first command, detached, on free ports: API answers, the night is ingested."""
-    api_port = free_port()
-    env = clean_env(
-        KOWALSKI__local__var_dir=str(tmp_path / "var"),
-        KOWALSKI__local__mongo_port=str(free_port()),
-        KOWALSKI__local__kafka_port=str(free_port()),
-        KOWALSKI__local__kafka_controller_port=str(free_port()),
-        KOWALSKI__server__port=str(api_port),
-        KOWALSKI__server__processes="1",
-        KOWALSKI__dask__n_workers="1",
-        KOWALSKI__dask__dashboard_address="null",
-        KOWALSKI__kafka__group=f"local-{api_port}",
+def write_config(path: Path, settings: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump({"kowalski": settings}))
+    return path
+
+
+def test_servers_come_from_env_then_the_local_instance_then_the_config(tmp_path: Path) -> None:
+    env = {"KOWALSKI__local__var_dir": str(tmp_path)}
+    configured = build_config([], env)
+    assert (
+        configured.database.uri is None and configured.kafka.bootstrap_servers == "127.0.0.1:9092"
     )
-    env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_bootstrap  # reuse the session broker (saves a JVM)
-    up = run_cli("up", "--local", "--detach", env=env)
-    assert up.returncode == 0, up.stdout + up.stderr
-    try:
-        counts: dict[str, int] = {}
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            # a new client each time: penquins caches the catalog list when it connects
-            k = Kowalski(
-                username="admin", password="admin", protocol="http", host="127.0.0.1", port=api_port
-            )
-            assert k.ping()
-            names = k.instances["default"]["catalogs"]
-            counts = {
-                c: k.query(
-                    {"query_type": "count_documents", "query": {"catalog": c, "filter": {}}}
-                )["default"].get("data", 0)
-                for c in ("ZTF_alerts", "PGIR_alerts", "WNTR_alerts", "TURBO_alerts")
-                if c in names
-            }
-            if counts == {
-                "ZTF_alerts": 38,
-                "PGIR_alerts": 17,
-                "WNTR_alerts": 11,
-                "TURBO_alerts": 11,
-            }:
-                break
-            time.sleep(1)
-        assert counts == {
-            "ZTF_alerts": 38,
-            "PGIR_alerts": 17,
-            "WNTR_alerts": 11,
-            "TURBO_alerts": 11,
-        }
-    finally:
-        down = run_cli("down", "--local", env=env)
-    assert down.returncode == 0 and "stopped" in down.stdout
+    assert configured.origin("database").startswith("the configured server")
+    local = LocalInstance(0, "mongodb://127.0.0.1:1/?directConnection=true", "127.0.0.1:2", "")
+    # a live process that looks like the supervisor (`up --local` runs kowalski.py)
+    with subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)", "kowalski"]
+    ) as pid:
+        write_instance(tmp_path, dataclasses.replace(local, pid=pid.pid))
+        found = build_config([], env)
+        assert found.database.uri == local.mongodb_uri
+        assert found.kafka.bootstrap_servers == found.kafka.bootstrap_test_servers == "127.0.0.1:2"
+        assert found.origin("kafka").startswith(f"the running local instance (pid {pid.pid}")
+        explicit = build_config(
+            [], {**env, "MONGODB_URI": "mongodb://db:27017", "KAFKA_BOOTSTRAP_SERVERS": "k:9092"}
+        )
+        assert explicit.database.uri == "mongodb://db:27017"
+        assert explicit.kafka.bootstrap_servers == "k:9092"
+        assert (explicit.origin("database"), explicit.origin("kafka")) == (
+            "MONGODB_URI",
+            "KAFKA_BOOTSTRAP_SERVERS",
+        )
+        pid.kill()
+    assert state_path(tmp_path).exists()
+    assert build_config([], env).database.uri is None  # its process is gone: ignored
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], *expected: str) -> None:
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for text in expected:
+        assert text in lines[0]
+
+
+def test_with_nothing_running_each_command_is_one_clear_line(tmp_path: Path) -> None:
+    """The README's commands after `up --local`, when it is not running: which server, why, what
+    to do; never a traceback."""
+    mongo_port, kafka_port = free_port(), free_port()
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "local": {"var_dir": str(tmp_path / "var")},
+            "database": {"port": mongo_port},
+            "kafka": {"bootstrap.servers": f"127.0.0.1:{kafka_port}"},
+        },
+    )
+    env = clean_env(KOWALSKI_CONFIG=str(config))
+    todo = "is `./kowalski.py up --local` running? or set "
+    database = (
+        f"cannot use MongoDB at mongodb://mongoadmin:***@127.0.0.1:{mongo_port}/",
+        "the configured server",
+        todo + "MONGODB_URI",
+    )
+    python = sys.executable
+    vlass = str(DATA / "catalogs" / "CIRADA_VLASS1QL_table1_components_v1_head100.csv")
+    for command in (
+        [*KOWALSKI, "seed", "data/catalogs"],
+        [
+            python,
+            "-m",
+            "kowalski.catalogs",
+            "ingest",
+            vlass,
+            "--collection",
+            "V",
+            "--ra",
+            "RA",
+            "--dec",
+            "DEC",
+        ],
+        [python, "-m", "kowalski.catalogs", "synthetic", "--collection", "S", "--density", "10"],
+    ):
+        assert_one_line(run(*command, env=env, timeout=120), *database)
+    assert_one_line(
+        run(python, "-m", "ingester.replay", env=env, timeout=120),
+        f"cannot use Kafka at 127.0.0.1:{kafka_port} (the configured server",
+        todo + "KAFKA_BOOTSTRAP_SERVERS",
+    )
+    dead = f"mongodb://127.0.0.1:{mongo_port}/?directConnection=true"
+    assert_one_line(
+        run_cli("bench", "--rounds", "1", env={**env, "MONGODB_URI": dead}, timeout=120),
+        f"cannot use MongoDB at {dead} (MONGODB_URI)",
+        "Connection refused",
+        "check MONGODB_URI",
+    )
+
+
+def test_refused_credentials_are_one_clear_line(tmp_path: Path, mongo_uri: str) -> None:
+    """The configured credentials against a server that has none (the embedded one)."""
+    if "127.0.0.1" not in mongo_uri:
+        pytest.skip("MONGODB_URI points at an external server")
+    port = int(mongo_uri.split(":")[2].split("/")[0])
+    config = write_config(
+        tmp_path / "config.yaml",
+        {"local": {"var_dir": str(tmp_path / "var")}, "database": {"port": port}},
+    )
+    result = run_cli("seed", "data/catalogs", env=clean_env(KOWALSKI_CONFIG=str(config)))
+    assert_one_line(result, f"127.0.0.1:{port}", "authentication failed", "or set MONGODB_URI")

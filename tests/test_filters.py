@@ -21,13 +21,12 @@ from .conftest import ZTF_ALERTS
 
 
 async def test_filters_autosave_followup_and_handoff(
-    test_environ: dict[str, str], mongo_uri: str
+    test_environ: dict[str, str], mongo: AsyncMongoClient
 ) -> None:
     cfg = build_config(
         [], {**test_environ, "KOWALSKI__database__db": f"filters_{uuid.uuid4().hex[:8]}"}
     )
-    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
-    db = client[cfg.database.db]
+    db = mongo[cfg.database.db]
     keep_candid = [
         {"$match": {"candidate.drb": {"$gt": 0.9}}},
         {"$project": {"candid": 1, "objectId": 1}},
@@ -118,8 +117,7 @@ async def test_filters_autosave_followup_and_handoff(
     ).to_list()
     assert {r["filter_id"] for r in runs} == {1, 2}
     assert all(len(r["candids"]) == 12 and set(r["passed"]) == expected for r in runs)
-    await client.drop_database(cfg.database.db)
-    await client.close()
+    await mongo.drop_database(cfg.database.db)
 
 
 async def test_a_filter_failing_on_one_alert_is_split_down_and_only_that_alert_fails(

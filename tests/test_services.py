@@ -11,8 +11,9 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from pymongo import AsyncMongoClient
 
 from kowalski.coords import cone_clause, coordinates_block
+from kowalski.services import secantus
 from kowalski.services._process import ServiceError, free_port
-from kowalski.services.mongo import EmbeddedMongo
+from kowalski.services.mongo import EmbeddedMongo, select_server
 
 from .conftest import ztf_alert_files
 
@@ -150,3 +151,52 @@ def test_kafka_pattern_subscription_sees_new_topics(kafka_bootstrap: str) -> Non
     consumer.subscribe([f"^ztf_[0-9]{{8}}_programid[123]_{night}"])
     assert len(_drain(consumer, 2, timeout=40)) == 2
     consumer.close()
+
+
+def test_forced_python_server_starts_and_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback path: KOWALSKI_EMBEDDED_DB=py runs secantusd-py whatever is built."""
+    from pymongo import MongoClient
+
+    monkeypatch.setenv(secantus.CHOICE_ENV, "py")
+    with (
+        EmbeddedMongo(tmp_path / "db", free_port()) as server,
+        MongoClient(server.uri) as client,
+    ):
+        assert server.server.command == secantus.PY_COMMAND
+        client.k.c.insert_one({"_id": 1, "coordinates": coordinates_block(10.0, 20.0)})
+        assert [d["_id"] for d in client.k.c.find(cone_clause(10.0, 20.0, 1e-6))] == [1]
+
+
+def test_without_a_built_rust_server_the_python_one_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(secantus.CACHE_ENV, str(tmp_path / "empty-cache"))
+    monkeypatch.delenv(secantus.CHOICE_ENV, raising=False)
+    assert select_server().command == secantus.PY_COMMAND
+    monkeypatch.setenv(secantus.CHOICE_ENV, "rs")
+    with pytest.raises(ServiceError) as err:
+        select_server()
+    assert "\n" not in str(err.value) and secantus.RS_COMMAND in str(err.value)
+
+
+def test_no_cargo_is_one_notice_and_a_failed_build_is_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(secantus.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(secantus.CHOICE_ENV, raising=False)
+    monkeypatch.setattr(secantus, "find_cargo", lambda: None)
+    notices: list[str] = []
+    assert secantus.ensure_rs(say=notices.append) is None
+    assert len(notices) == 1 and "secantusd-py" in notices[0]
+
+    failing = tmp_path / "cargo"  # a "cargo" whose build fails at once
+    failing.write_text("#!/bin/sh\necho 'error: no registry here' >&2\nexit 101\n")
+    failing.chmod(0o755)
+    notices.clear()
+    assert secantus.ensure_rs(cargo=str(failing), say=notices.append) is None
+    assert "failed" in notices[-1] and "no registry here" in secantus.rs_log().read_text()
+    notices.clear()
+    assert secantus.ensure_rs(cargo=str(failing), say=notices.append) is None
+    assert len(notices) == 1 and "did not build before" in notices[0]

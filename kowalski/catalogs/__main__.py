@@ -12,6 +12,7 @@ from kowalski.catalogs.ingest import Columns, frame_chunks, ingest_chunks
 from kowalski.catalogs.readers import ReadError, count_rows, read_chunks
 from kowalski.catalogs.synthetic import generate
 from kowalski.config import load_config_or_exit
+from kowalski.connectivity import one_line_errors, require_database
 from kowalski.db import sync_client
 
 
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     cfg = load_config_or_exit()
-    with sync_client(cfg) as client:
+    with one_line_errors(cfg), sync_client(cfg) as client:
+        require_database(cfg)
         db = client[cfg.database.db]
         try:
             if args.command == "ingest":

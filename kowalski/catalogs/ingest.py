@@ -1,5 +1,6 @@
 """Generic catalog ingestion: tables (pandas chunks) -> documents with `coordinates`
-(`radec_geojson` [ra-180, dec] for the 2dsphere index, `radec_str`) -> bulk upserts by `_id`.
+(`radec_geojson` [ra-180, dec] for the 2dsphere index, `radec_str`, the sky `cell` for its B-tree
+index) -> bulk upserts by `_id`.
 
 - Bad rows (missing/NaN/out-of-range coordinates, unparsable values, missing id) are counted with
   their reason and never stored.
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from kowalski.coords import deg_to_dms, deg_to_hms, geojson_point, parse_dec, parse_ra
 from kowalski.db import create_index_sync
+from kowalski.skycells import CELL_INDEX, CELL_INDEX_NAME, add_cells
 
 Doc = dict[str, Any]
 CHECKPOINTS = "catalog_ingestions"
@@ -174,6 +176,7 @@ def ingest_chunks(
     resume_from = 0 if state.get("complete") else int(state.get("rows_done", 0))
     if columns.ra is not None:
         create_index_sync(db[collection], GEO_INDEX, "radec__id")
+        create_index_sync(db[collection], CELL_INDEX, CELL_INDEX_NAME)
     bar = tqdm(total=total_rows, desc=f"ingesting {collection}", unit="row", disable=not progress)
     pending: list[tuple[Future[int], int, int]] = []
 
@@ -210,6 +213,7 @@ def ingest_chunks(
                     report.reject(reason, number)
                 else:
                     docs.append(doc)
+            add_cells(docs)
             pending.append((pool.submit(_write, db, collection, docs, merge), position, len(docs)))
             settle(wait_all=False)
         settle(wait_all=True)

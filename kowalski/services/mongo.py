@@ -1,7 +1,8 @@
 """Embedded MongoDB-compatible server for development and tests.
 
-Runs SecantusDB (`secantusd-py`, PyPI `secantusdb`, GPL-2.0-only) as a separate process; it is never
-imported. Production uses a real `mongod`: set MONGODB_URI (or `database.uri`) and nothing here runs.
+Runs SecantusDB as a separate process, never imported (GPL-2.0-only): `secantusd-rs` when built
+(see kowalski/services/secantus.py), else `secantusd-py` (PyPI `secantusdb`). Production uses a
+real `mongod`: set MONGODB_URI (or `database.uri`) and nothing here runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
+from kowalski.services import secantus
 from kowalski.services._process import (
     ServiceError,
     ensure_port_free,
@@ -23,18 +25,48 @@ from kowalski.services._process import (
     wait_until,
 )
 
-SERVER_COMMAND = "secantusd-py"
+
+@dataclass(frozen=True)
+class Server:
+    """One embedded server program and how to spell its options."""
+
+    command: str
+    executable: str
+
+    def args(self, host: str, port: int, data_dir: Path, cache_size: str, sync: bool) -> list[str]:
+        # both servers take the same flags (same project); kept here so a difference stays local
+        cmd = [self.executable, "--host", host, "--port", str(port)]
+        cmd += ["--storage-path", str(data_dir), "--cache-size", cache_size]
+        cmd += ["--log-level", "WARNING"]
+        return cmd + (["--sync-on-commit"] if sync else [])
 
 
-def _server_executable() -> str:
-    beside_python = Path(sys.executable).parent / SERVER_COMMAND
-    found = str(beside_python) if beside_python.exists() else shutil.which(SERVER_COMMAND)
+def _python_server() -> Server:
+    beside_python = Path(sys.executable).parent / secantus.PY_COMMAND
+    found = str(beside_python) if beside_python.exists() else shutil.which(secantus.PY_COMMAND)
     if not found:
         raise ServiceError(
-            f"cannot start the embedded database: '{SERVER_COMMAND}' not found "
+            f"cannot start the embedded database: '{secantus.PY_COMMAND}' not found "
             "(pip install -r requirements/test.txt, or set MONGODB_URI to a running mongod)"
         )
-    return found
+    return Server(secantus.PY_COMMAND, found)
+
+
+def select_server() -> Server:
+    """secantusd-rs when built (or forced), else secantusd-py; KOWALSKI_EMBEDDED_DB forces one."""
+    try:
+        forced = secantus.choice()
+    except ValueError as exc:
+        raise ServiceError(str(exc)) from None
+    built = secantus.rs_binary()
+    if forced == "py" or (forced is None and not built.exists()):
+        return _python_server()
+    if not built.exists():
+        raise ServiceError(
+            f"{secantus.CHOICE_ENV}=rs but {secantus.RS_COMMAND} is not built at {built} "
+            "(./kowalski.py test or up --local builds it; needs cargo)"
+        )
+    return Server(secantus.RS_COMMAND, str(built))
 
 
 def ping(uri: str, timeout_ms: int = 500) -> bool:
@@ -52,7 +84,8 @@ def ping(uri: str, timeout_ms: int = 500) -> bool:
 
 @dataclass
 class EmbeddedMongo:
-    """A SecantusDB server on `host:port` keeping its data in `data_dir`."""
+    """A SecantusDB server on `host:port` keeping its data in `data_dir` (the server program is
+    chosen on the first start and kept across restarts)."""
 
     data_dir: Path
     port: int
@@ -60,6 +93,7 @@ class EmbeddedMongo:
     cache_size: str = "256M"
     sync_on_commit: bool = False
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    server: Server | None = field(default=None, init=False)
 
     @property
     def uri(self) -> str:
@@ -70,26 +104,14 @@ class EmbeddedMongo:
         return self.data_dir.parent / f"{self.data_dir.name}.log"
 
     def start(self, timeout: float = 60) -> EmbeddedMongo:
-        executable = _server_executable()
+        self.server = self.server or select_server()
         ensure_port_free(
             self.host, self.port, "the embedded database", "stop what holds it or set MONGODB_URI"
         )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            executable,
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--storage-path",
-            str(self.data_dir),
-            "--cache-size",
-            self.cache_size,
-            "--log-level",
-            "WARNING",
-        ]
-        if self.sync_on_commit:
-            cmd.append("--sync-on-commit")
+        cmd = self.server.args(
+            self.host, self.port, self.data_dir, self.cache_size, self.sync_on_commit
+        )
         self.process = start_process(cmd, self.log_file)
         wait_until(
             lambda: ping(self.uri), self.process, timeout, "embedded database", self.log_file
