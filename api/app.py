@@ -12,10 +12,11 @@ from aiohttp import web
 from pymongo.errors import DuplicateKeyError
 
 from api import classifications, cutouts, filters, openapi, queries, skymap, triggers, users
-from api.auth import UserCache, auth_post, hash_password, new_uid
+from api.auth import USER_CACHE, UserCache, auth_post, hash_password, new_uid
 from api.middlewares import auth_middleware, error_middleware
 from api.queries import QUERY_SLOTS, QuerySlots
 from api.responses import success
+from api.state import CONFIG, DB, MONGO
 from kowalski.config import Config, check_secrets, default_secrets, load_config
 from kowalski.db import async_client, create_index, ensure_indexes
 
@@ -28,8 +29,8 @@ async def ping(request: web.Request) -> web.Response:
 
 
 async def ensure_admin(app: web.Application) -> None:
-    cfg: Config = app["config"]
-    users_coll = app["db"][cfg.database.collections["users"]]
+    cfg: Config = app[CONFIG]
+    users_coll = app[DB][cfg.database.collections["users"]]
     if await users_coll.find_one({"_id": cfg.server.admin_username}, {"_id": 1}):
         return
     with contextlib.suppress(DuplicateKeyError):  # another gunicorn worker created it first
@@ -48,18 +49,18 @@ async def ensure_admin(app: web.Application) -> None:
 
 
 async def database_context(app: web.Application) -> AsyncIterator[None]:
-    cfg: Config = app["config"]
+    cfg: Config = app[CONFIG]
     if default_secrets(cfg):
         log.warning("insecure_dev: serving with default %s", " and ".join(default_secrets(cfg)))
     client = async_client(cfg)
-    app["mongo"] = client
-    app["db"] = client[cfg.database.db]
+    app[MONGO] = client
+    app[DB] = client[cfg.database.db]
     await ensure_admin(app)
-    filters_coll = app["db"][cfg.database.collections["filters"]]
+    filters_coll = app[DB][cfg.database.collections["filters"]]
     await create_index(filters_coll, [("filter_id", 1)], "filter_id", unique=True)
     if cfg.database.build_indexes:
         for key in ("skymaps", "alerts_ztf_classifications"):
-            await ensure_indexes(app["db"], cfg, cfg.database.collections[key])
+            await ensure_indexes(app[DB], cfg, cfg.database.collections[key])
     yield
     await client.close()
 
@@ -108,8 +109,8 @@ async def app_factory(cfg: Config | None = None) -> web.Application:
     app = web.Application(
         middlewares=[error_middleware, auth_middleware], client_max_size=cfg.server.client_max_size
     )
-    app["config"] = cfg
-    app["user_cache"] = UserCache()
+    app[CONFIG] = cfg
+    app[USER_CACHE] = UserCache()
     app[QUERY_SLOTS] = QuerySlots(cfg.misc.max_concurrent_queries)
     app.cleanup_ctx.append(database_context)
     routes(app)

@@ -25,8 +25,10 @@ import jwt
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from api.models import AuthRequest, parse
 from api.responses import BadRequest, Forbidden, Unauthorized, json_response
 from api.safety import parse_json
+from api.state import CONFIG, DB
 from kowalski.config import Config
 
 PUBLIC_PROGRAMIDS = [1]
@@ -143,8 +145,8 @@ class UserCache:
         hit = self._entries.get(username)
         if hit and hit[0] > now:
             return hit[1]
-        cfg: Config = request.app["config"]
-        doc = await request.app["db"][cfg.database.collections["users"]].find_one(
+        cfg: Config = request.app[CONFIG]
+        doc = await request.app[DB][cfg.database.collections["users"]].find_one(
             {"_id": username}, {"password": 0}
         )
         user = user_from_doc(doc, cfg) if doc else None
@@ -152,14 +154,17 @@ class UserCache:
         return user
 
 
+USER_CACHE = web.AppKey("user_cache", UserCache)
+
+
 async def authenticate(request: web.Request) -> User | None:
     """The user behind the request's Authorization header, or None when there is none."""
     header = request.headers.get("Authorization")
     if not header:
         return None
-    cfg: Config = request.app["config"]
+    cfg: Config = request.app[CONFIG]
     payload = decode_token(cfg, token_from_header(header))
-    user = await request.app["user_cache"].get(request, str(payload["user_id"]))
+    user = await request.app[USER_CACHE].get(request, str(payload["user_id"]))
     if user is None or not user.uid or payload["uid"] != user.uid:
         raise Unauthorized("the user of this token no longer exists")
     if payload["gen"] != user.generation:
@@ -167,8 +172,11 @@ async def authenticate(request: web.Request) -> User | None:
     return user
 
 
+USER: web.RequestKey[User | None] = web.RequestKey("user")
+
+
 def current_user(request: web.Request) -> User:
-    user: User | None = request.get("user")
+    user = request.get(USER)
     if user is None:
         raise Unauthorized("authentication required (header 'Authorization: Bearer <token>')")
     return user
@@ -223,26 +231,21 @@ async def ensure_uid(request: web.Request, doc: dict[str, Any]) -> dict[str, Any
     """Users stored before token ids existed get one at their next login."""
     if doc.get("uid"):
         return doc
-    cfg: Config = request.app["config"]
-    users = request.app["db"][cfg.database.collections["users"]]
+    cfg: Config = request.app[CONFIG]
+    users = request.app[DB][cfg.database.collections["users"]]
     await users.update_one({"_id": doc["_id"], "uid": None}, {"$set": {"uid": new_uid()}})
-    request.app["user_cache"].invalidate(doc["_id"])
+    request.app[USER_CACHE].invalidate(doc["_id"])
     return await users.find_one({"_id": doc["_id"]}, {"password": 0}) or doc
 
 
 async def auth_post(request: web.Request) -> web.Response:
     """POST /api/auth: exchange username/password for a token."""
-    cfg: Config = request.app["config"]
-    body = await read_body(request)
-    username, password = body.get("username"), body.get("password")
-    if not username or not isinstance(username, str):
-        raise BadRequest("missing username")
-    if not password or not isinstance(password, str):
-        raise BadRequest("missing password")
-    version = body.get("penquins.__version__")
+    cfg: Config = request.app[CONFIG]
+    body = parse(AuthRequest, await read_body(request))
+    username, password, version = body.username, body.password, body.penquins_version
     if version is not None and version not in cfg.misc.supported_penquins_versions:
         raise BadRequest(f"unsupported version of penquins: {version}")
-    doc = await request.app["db"][cfg.database.collections["users"]].find_one({"_id": username})
+    doc = await request.app[DB][cfg.database.collections["users"]].find_one({"_id": username})
     hashed = doc.get("password", "") if doc else ""
     ok = await asyncio.get_running_loop().run_in_executor(None, check_password, password, hashed)
     if not doc or not ok:

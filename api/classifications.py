@@ -10,15 +10,15 @@ from aiohttp import web
 from pymongo import UpdateOne
 
 from api.auth import admin_required, current_user, read_body
+from api.models import ClassificationsDelete, ClassificationsPut, parse
 from api.responses import BadRequest, NotFound, path_int, success
+from api.state import CONFIG, DB
 from kowalski.config import Config
 from kowalski.surveys import UnknownSurvey, survey_for_key
 
-KINDS = ("human_labels", "ml_scores")
-
 
 def _collections(request: web.Request) -> tuple[Any, Any, str]:
-    cfg: Config = request.app["config"]
+    cfg: Config = request.app[CONFIG]
     key = request.match_info["survey"]
     try:
         survey = survey_for_key(key)
@@ -28,41 +28,17 @@ def _collections(request: web.Request) -> tuple[Any, Any, str]:
     alerts, labels = names.get(survey.alerts_key), names.get(f"{survey.alerts_key}_classifications")
     if not alerts or not labels:
         raise BadRequest(f"classifications are not configured for survey {survey.key!r}")
-    db = request.app["db"]
+    db = request.app[DB]
     return db[alerts], db[labels], survey.object_key
-
-
-def scores(value: Any, field: str) -> dict[str, float]:
-    """{label: score} | [labels] | "a,b" -> {label: score}; lists/strings mean score 1.0."""
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if isinstance(value, list):
-        value = dict.fromkeys(map(str, value), 1.0)
-    if not isinstance(value, dict):
-        raise BadRequest(f"{field} must be an object, a list or a comma-separated string")
-    out = {}
-    for label, score in value.items():
-        if isinstance(score, bool) or not isinstance(score, int | float):
-            raise BadRequest(f"{field}.{label} must be a number")
-        if "." in label or label.startswith("$"):
-            raise BadRequest(f"{field}: invalid label {label!r}")
-        out[label] = float(score)
-    return out
-
-
-def candids(body: dict[str, Any]) -> list[int]:
-    try:
-        return [int(c) for c in body]
-    except ValueError:
-        raise BadRequest("keys of the body must be candids (integers)") from None
 
 
 @admin_required
 async def classifications_put(request: web.Request) -> web.Response:
-    """PUT: `{candid: {human_labels, ml_scores}}`, merged into stored labels."""
+    """PUT /api/classifications/{survey}: `{candid: {human_labels, ml_scores}}`, merged into
+    stored labels."""
     alerts, labels, object_key = _collections(request)
-    body = await read_body(request)
-    ids = candids(body)
+    body = parse(ClassificationsPut, await read_body(request)).root
+    ids = list(body)
     found = {
         d["candid"]: d.get(object_key)
         for d in await alerts.find({"candid": {"$in": ids}}, {"candid": 1, object_key: 1}).to_list()
@@ -71,13 +47,10 @@ async def classifications_put(request: web.Request) -> web.Response:
     if missing:
         raise NotFound(f"candids not found: {missing}")
     ops = []
-    for key, candid in zip(body, ids, strict=True):
-        entry = body[key]
-        if not isinstance(entry, dict) or not set(entry) <= set(KINDS):
-            raise BadRequest(f"{key} must be an object with keys among {list(KINDS)}")
+    for candid, entry in body.items():
         update: dict[str, Any] = {object_key: found[candid]}
-        for kind in KINDS:
-            for label, score in scores(entry.get(kind, {}), f"{key}.{kind}").items():
+        for kind, labelled in entry.items():
+            for label, score in labelled.items():
                 update[f"{kind}.{label}"] = score
         ops.append(UpdateOne({"_id": candid}, {"$set": update}, upsert=True))
     if ops:
@@ -87,20 +60,13 @@ async def classifications_put(request: web.Request) -> web.Response:
 
 @admin_required
 async def classifications_delete(request: web.Request) -> web.Response:
-    """DELETE: `{candid: {human_labels: [labels], ml_scores: [labels]}}` removes those labels."""
+    """DELETE /api/classifications/{survey}: `{candid: {human_labels: [labels], ml_scores:
+    [labels]}}` removes those labels."""
     _, labels, _ = _collections(request)
-    body = await read_body(request)
+    body = parse(ClassificationsDelete, await read_body(request)).root
     ops = []
-    for key, candid in zip(body, candids(body), strict=True):
-        entry = body[key]
-        if not isinstance(entry, dict):
-            raise BadRequest(f"{key} must be an object")
-        unset = {
-            f"{kind}.{label}": ""
-            for kind in KINDS
-            for label in (entry.get(kind) or [])
-            if isinstance(label, str)
-        }
+    for candid, entry in body.items():
+        unset = {f"{kind}.{label}": "" for kind, names in entry.items() for label in names}
         if unset:
             ops.append(UpdateOne({"_id": candid}, {"$unset": unset}))
     if ops:
@@ -109,7 +75,7 @@ async def classifications_delete(request: web.Request) -> web.Response:
 
 
 async def classifications_get(request: web.Request) -> web.Response:
-    """GET /api/classifications/{survey}/{candid}."""
+    """GET /api/classifications/{survey}/{candid}: an alert's labels and scores."""
     current_user(request)
     _, labels, object_key = _collections(request)
     candid = path_int(request, "candid")

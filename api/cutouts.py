@@ -9,6 +9,7 @@ from aiohttp import web
 
 from api.policy import data_rights
 from api.responses import BadRequest, NotFound, path_int
+from api.state import CONFIG, DB
 from kowalski.config import Config
 from kowalski.cutouts import (
     CMAPS,
@@ -31,8 +32,8 @@ def choice(request: web.Request, name: str, options: tuple[str, ...], default: s
 
 
 async def cutout_get(request: web.Request) -> web.Response:
-    """GET /api/cutouts/{survey}/{candid}/{cutout}/{fits|png}."""
-    cfg: Config = request.app["config"]
+    """GET /api/cutouts/{survey}/{candid}/{cutout}/{fits|png}: an alert cutout."""
+    cfg: Config = request.app[CONFIG]
     try:
         survey = survey_for_key(request.match_info["survey"])
     except UnknownSurvey as exc:
@@ -55,7 +56,7 @@ async def cutout_get(request: web.Request) -> web.Response:
         survey.detection_key: path_int(request, "candid"),
         **(data_rights(request).document_clause(collection) or {}),
     }
-    doc = await request.app["db"][collection].find_one(flt, {field: 1})
+    doc = await request.app[DB][collection].find_one(flt, {field: 1})
     if doc is None or not doc.get(field):
         raise NotFound(f"no {cutout} cutout for {survey.key} candid {flt[survey.detection_key]}")
     gz_fits, file_name = stamp_bytes(doc[field])

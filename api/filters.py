@@ -1,5 +1,6 @@
 """Filters API (admin only; SkyPortal/Fritz pushes filters here): versions, autosave,
-auto_followup, update_annotations, save-time test run, and test runs over archived alerts."""
+auto_followup, update_annotations, stream (results stream), save-time test run, and test runs
+over archived alerts."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import string
 from typing import Any
 
 from aiohttp import web
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from api.auth import admin_required, read_body
+from api.models import FilterCreate, FilterPatch, FilterTest, parse
 from api.responses import BadRequest, path_int, success
 from api.safety import check_filter_pipeline
+from api.state import CONFIG, DB, collection
 from kowalski.config import Config
 from kowalski.filtering import (
     FilterError,
@@ -22,6 +26,7 @@ from kowalski.filtering import (
     parse_pipeline,
     serialize_pipeline,
 )
+from kowalski.results import validate_stream
 
 AUTOSAVE_KEYS = {"active", "comment", "ignore_group_ids", "pipeline", "saver_id"}
 AUTO_FOLLOWUP_KEYS = {
@@ -39,17 +44,11 @@ AUTO_FOLLOWUP_KEYS = {
     "implements_update",
 }
 SAVE_TEST_MAX_TIME_MS = 3000
-MAX_TEST_OBJECTS = 1000
-MAX_TEST_TIME_MS = 300_000
 # Messages clients match on, worded as upstream Kowalski words them.
 PRIORITY_ORDER_CLASH = (
     "Cannot add new filter with auto_followup: existing filters with the same allocation "
     "have priority_order set to a different value, which is unexpected"
 )
-TEST_WINDOW_TOO_LONG = (
-    "start_date and end_date must be within 1 day of each other if object_ids is not provided"
-)
-TEST_MAX_TIME_TOO_LARGE = f"max_time_ms must be less than 5 minutes (in ms: {MAX_TEST_TIME_MS})"
 
 
 def now() -> dt.datetime:
@@ -61,11 +60,12 @@ def new_fid() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(6))
 
 
-def positive_int(body: dict[str, Any], key: str) -> int:
-    value = body.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadRequest(f"{key} must be an integer >= 1")
-    return value
+def stream_option(value: Any) -> bool | dict[str, bool]:
+    """The `stream` option (publish passes to the results stream), validated for storage."""
+    try:
+        return validate_stream(value)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def user_pipeline(value: Any, field: str = "pipeline") -> list[dict[str, Any]]:
@@ -77,9 +77,8 @@ def user_pipeline(value: Any, field: str = "pipeline") -> list[dict[str, Any]]:
     return pipeline
 
 
-def _filters(request: web.Request) -> Any:
-    cfg: Config = request.app["config"]
-    return request.app["db"][cfg.database.collections["filters"]]
+def _filters(request: web.Request) -> AsyncCollection[dict[str, Any]]:
+    return collection(request, "filters")
 
 
 async def test_run(
@@ -90,8 +89,8 @@ async def test_run(
     allow_empty: bool,
 ) -> str:
     """Run the full pipeline on the most recent alert of `catalog`: catches bad stages at save time."""
-    cfg: Config = request.app["config"]
-    coll = request.app["db"][catalog]
+    cfg: Config = request.app[CONFIG]
+    coll = request.app[DB][catalog]
     latest = await coll.find({}, {"candid": 1}).sort("_id", -1).limit(1).to_list()
     if not latest:
         if allow_empty:
@@ -171,18 +170,12 @@ async def check_options(
 @admin_required
 async def filters_post(request: web.Request) -> web.Response:
     """POST /api/filters: create a filter, or add a new version to an existing one."""
-    cfg: Config = request.app["config"]
+    cfg: Config = request.app[CONFIG]
     body = await read_body(request)
-    group_id, filter_id = positive_int(body, "group_id"), positive_int(body, "filter_id")
-    catalog = body.get("catalog")
-    if not isinstance(catalog, str) or catalog not in cfg.database.filters:
-        raise BadRequest(f"catalog must be one of {sorted(cfg.database.filters)}, got {catalog!r}")
-    permissions = body.get("permissions", [])
-    if not isinstance(permissions, list) or not all(
-        isinstance(p, int) and not isinstance(p, bool) for p in permissions
-    ):
-        raise BadRequest("permissions must be a list of integers (ZTF programids)")
-    pipeline = user_pipeline(body.get("pipeline"))
+    given = parse(FilterCreate, body, catalogs=cfg.database.filters)
+    group_id, filter_id = given.group_id, given.filter_id
+    catalog, permissions = given.catalog, given.permissions
+    pipeline = user_pipeline(given.pipeline)
 
     existing = await _filters(request).find_one({"filter_id": filter_id})
     if existing and existing["group_id"] != group_id:
@@ -194,6 +187,7 @@ async def filters_post(request: web.Request) -> web.Response:
     autosave, auto_followup = await check_options(
         request, base, body.get("autosave", False), body.get("auto_followup", {})
     )
+    stream = stream_option(body.get("stream", False))
     version = {"fid": new_fid(), "pipeline": serialize_pipeline(pipeline), "created_at": now()}
     if existing is None:
         await _filters(request).insert_one(
@@ -207,6 +201,7 @@ async def filters_post(request: web.Request) -> web.Response:
                 "autosave": autosave,
                 "auto_followup": auto_followup,
                 "update_annotations": bool(body.get("update_annotations", False)),
+                "stream": stream,
                 "fv": [version],
                 "created_at": now(),
                 "last_modified": now(),
@@ -219,6 +214,8 @@ async def filters_post(request: web.Request) -> web.Response:
                 update[key] = value
         if "update_annotations" in body:
             update["update_annotations"] = bool(body["update_annotations"])
+        if "stream" in body:
+            update["stream"] = stream
         await _filters(request).update_one(
             {"filter_id": filter_id}, {"$push": {"fv": version}, "$set": update}
         )
@@ -226,7 +223,9 @@ async def filters_post(request: web.Request) -> web.Response:
 
 
 async def _get(request: web.Request, filter_id: int) -> dict[str, Any]:
-    doc = await _filters(request).find_one({"filter_id": filter_id}, {"_id": 0})
+    doc: dict[str, Any] | None = await _filters(request).find_one(
+        {"filter_id": filter_id}, {"_id": 0}
+    )
     if doc is None:
         raise BadRequest(f"Filter id {filter_id} not found")  # 400, as upstream
     return doc
@@ -234,34 +233,20 @@ async def _get(request: web.Request, filter_id: int) -> dict[str, Any]:
 
 @admin_required
 async def filters_get(request: web.Request) -> web.Response:
-    """GET /api/filters/{filter_id}."""
+    """GET /api/filters/{filter_id}: a filter with all its versions."""
     filter_id = path_int(request, "filter_id")
     return success(f"Retrieved filter id {filter_id}", await _get(request, filter_id))
 
 
 @admin_required
 async def filters_patch(request: web.Request) -> web.Response:
-    """PATCH /api/filters: change active, active_fid, autosave, auto_followup, update_annotations."""
+    """PATCH /api/filters: change active, active_fid, autosave, auto_followup, update_annotations,
+    stream."""
     body = await read_body(request)
-    filter_id = positive_int(body, "filter_id")
-    allowed = {
-        "filter_id",
-        "active",
-        "active_fid",
-        "autosave",
-        "auto_followup",
-        "update_annotations",
-    }
-    unknown = set(body) - allowed
-    if unknown:
-        raise BadRequest(
-            f"cannot modify {sorted(unknown)}; modifiable: {sorted(allowed - {'filter_id'})}"
-        )
+    filter_id = parse(FilterPatch, body).filter_id
     doc = await _get(request, filter_id)
     update: dict[str, Any] = {"last_modified": now()}
     if "active" in body:
-        if not isinstance(body["active"], bool):
-            raise BadRequest("active must be a boolean")
         update["active"] = body["active"]
     if "active_fid" in body:
         if not isinstance(body["active_fid"], str) or body["active_fid"] not in {
@@ -274,6 +259,8 @@ async def filters_patch(request: web.Request) -> web.Response:
         update["active_fid"] = body["active_fid"]
     if "update_annotations" in body:
         update["update_annotations"] = bool(body["update_annotations"])
+    if "stream" in body:
+        update["stream"] = stream_option(body["stream"])
     if "autosave" in body or "auto_followup" in body:
         autosave, auto_followup = await check_options(
             request,
@@ -288,7 +275,7 @@ async def filters_patch(request: web.Request) -> web.Response:
 
 @admin_required
 async def filters_delete(request: web.Request) -> web.Response:
-    """DELETE /api/filters/{filter_id}."""
+    """DELETE /api/filters/{filter_id}: remove a filter."""
     filter_id = path_int(request, "filter_id")
     result = await _filters(request).delete_one({"filter_id": filter_id})
     if result.deleted_count == 0:
@@ -296,53 +283,19 @@ async def filters_delete(request: web.Request) -> web.Response:
     return success(f"Removed filter id {filter_id}")
 
 
-def _jd(value: Any, field: str) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise BadRequest(f"{field} must be a JD or an ISO date, got {value!r}") from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=dt.UTC)
-        return moment.timestamp() / 86400.0 + 2440587.5
-    raise BadRequest(f"{field} must be a JD or an ISO date")
-
-
 @admin_required
 async def filters_test(request: web.Request) -> web.Response:
     """POST /api/filters/{filter_id}/test: run a filter version over archived alerts."""
-    cfg: Config = request.app["config"]
-    doc = await _get(request, path_int(request, "filter_id"))
-    body = await read_body(request)
-    fid = body.get("filter_version")
+    cfg: Config = request.app[CONFIG]
+    filter_id = path_int(request, "filter_id")
+    body = parse(FilterTest, await read_body(request))
+    doc = await _get(request, filter_id)
+    fid = body.filter_version
     versions = {v["fid"]: v for v in doc["fv"]}
     if fid is not None and (not isinstance(fid, str) or fid not in versions):
         raise BadRequest(f"filter version fid {fid} not in filter.fv")
     version = versions[fid] if fid else doc["fv"][-1]
-    object_ids = body.get("object_ids")
-    if object_ids is not None and (
-        not isinstance(object_ids, list) or not all(isinstance(o, str) for o in object_ids)
-    ):
-        raise BadRequest("object_ids must be a list of strings")
-    if object_ids and len(object_ids) > MAX_TEST_OBJECTS:
-        raise BadRequest(f"at most {MAX_TEST_OBJECTS} object_ids")
-    start, end = body.get("start_date"), body.get("end_date")
-    if (start is None) != (end is None):
-        raise BadRequest("start_date and end_date come as a pair")
-    jd_range = (_jd(start, "start_date"), _jd(end, "end_date")) if start is not None else None
-    if not object_ids and jd_range is None:
-        raise BadRequest("give object_ids and/or start_date + end_date")
-    if jd_range and jd_range[1] <= jd_range[0]:
-        raise BadRequest("end_date must be after start_date")
-    if not object_ids and jd_range and jd_range[1] - jd_range[0] > 1.0:
-        raise BadRequest(TEST_WINDOW_TOO_LONG)
-    max_time_ms = body.get("max_time_ms", 30000)
-    if isinstance(max_time_ms, bool) or not isinstance(max_time_ms, int) or max_time_ms < 1:
-        raise BadRequest("max_time_ms must be a positive integer (milliseconds)")
-    if max_time_ms > MAX_TEST_TIME_MS:
-        raise BadRequest(TEST_MAX_TIME_TOO_LARGE)
+    object_ids, jd_range, max_time_ms = body.object_ids, body.jd_range, body.max_time_ms
     pipeline = archive_pipeline(
         cfg,
         doc["catalog"],
@@ -351,7 +304,7 @@ async def filters_test(request: web.Request) -> web.Response:
         object_ids,
         jd_range,
     )
-    cursor = await request.app["db"][doc["catalog"]].aggregate(
+    cursor = await request.app[DB][doc["catalog"]].aggregate(
         pipeline, allowDiskUse=False, maxTimeMS=max_time_ms
     )
     return success("filter test successful", await cursor.to_list())

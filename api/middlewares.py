@@ -14,7 +14,7 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 
-from api.auth import Handler, authenticate
+from api.auth import USER, Handler, authenticate
 from api.policy import data_rights
 from api.responses import ApiError, error
 
@@ -76,8 +76,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Every route but the public ones needs a valid token; public routes (`/api/auth`, the
     docs) ignore the Authorization header, so a stale token never stands in the way."""
     if is_public(request.path):
-        request["user"] = None
+        request[USER] = None
         return await handler(request)
-    request["user"] = await authenticate(request)
+    request[USER] = await authenticate(request)
     data_rights(request)  # one data-rights object per request, built from the user
     return await handler(request)

@@ -1,60 +1,191 @@
-"""OpenAPI 3 description of the API, served at /docs/api/openapi.json with a ReDoc page at /docs/api."""
+"""OpenAPI 3 description of the API, generated from the app's route table and the request models
+(`api/models.py`); served at /docs/api/openapi.json with a ReDoc page at /docs/api."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel
 
+from api import models
+from api.middlewares import is_public
+from api.state import CONFIG
 from kowalski.config import Config
+from kowalski.surveys import SURVEYS
 
-QUERY_TYPES = [
-    "find",
-    "find_one",
-    "count_documents",
-    "estimated_document_count",
-    "aggregate",
-    "info",
-    "cone_search",
-    "near",
-    "skymap",
-    "drop",
-]
-
-
-def _ok(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Success"}}},
-    }
-
-
+REF_TEMPLATE = "#/components/schemas/{model}"
+HIDDEN_PREFIX = "/docs/api"  # the documentation itself is not documented
 ERRORS = {
     "400": {"$ref": "#/components/responses/BadRequest"},
     "401": {"$ref": "#/components/responses/Unauthorized"},
     "403": {"$ref": "#/components/responses/Forbidden"},
 }
+# request bodies: (method, path) -> model, or a ready schema
+REQUEST_BODIES: dict[tuple[str, str], type[BaseModel] | dict[str, Any]] = {
+    ("POST", "/api/auth"): models.AuthRequest,
+    ("POST", "/api/users"): models.UserCreate,
+    ("PUT", "/api/users/{username}"): models.UserUpdate,
+    ("POST", "/api/filters"): models.FilterCreate,
+    ("PATCH", "/api/filters"): models.FilterPatch,
+    ("POST", "/api/filters/{filter_id}/test"): models.FilterTest,
+    ("PUT", "/api/classifications/{survey}"): models.ClassificationsPut,
+    ("DELETE", "/api/classifications/{survey}"): models.ClassificationsDelete,
+    ("PUT", "/api/triggers/{kind}"): {
+        "anyOf": [{"$ref": REF_TEMPLATE.format(model=m.__name__)} for m in models.TRIGGERS]
+    },
+    ("DELETE", "/api/triggers/{kind}"): models.TriggerDelete,
+    ("PUT", "/api/skymap"): models.SkymapPut,
+    ("DELETE", "/api/skymap"): models.SkymapDelete,
+}
+PATH_PARAMETERS: dict[str, dict[str, Any]] = {
+    "filter_id": {"type": "integer", "minimum": 1},
+    "candid": {  # the detection id: candid (ZTF, ...), diaSourceId (LSST)
+        "type": "integer",
+        "minimum": 0,
+    },
+    "survey": {"type": "string", "enum": [s.key for s in SURVEYS.values()]},
+    "cutout": {"type": "string", "enum": ["science", "template", "difference"]},
+    "file_format": {"type": "string", "enum": ["fits", "png"]},
+    "kind": {"type": "string", "enum": ["ztf", "ztf.test", "ztfmma", "ztfmma.test"]},
+}
+IMAGE_PATH = "/api/cutouts/{survey}/{candid}/{cutout}/{file_format}"
 
 
-def _op(
-    summary: str, body: dict[str, Any] | None = None, public: bool = False, **extra: Any
-) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": {"200": _ok(summary), **ERRORS}, **extra}
+def openapi_compatible(node: Any) -> Any:
+    """JSON schema as OpenAPI 3.0 reads it: no `null` types (`nullable` instead), no titles,
+    no `null` defaults."""
+    if isinstance(node, list):
+        return [openapi_compatible(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {
+        k: openapi_compatible(v)
+        for k, v in node.items()
+        if k != "title" and not (k == "default" and v is None)
+    }
+    for key in ("anyOf", "oneOf"):
+        options = out.get(key)
+        if isinstance(options, list) and {"type": "null"} in options:
+            rest = [o for o in options if o != {"type": "null"}]
+            out.pop(key)
+            out.update(rest[0] if len(rest) == 1 else {key: rest})
+            out["nullable"] = True
+    return out
+
+
+def model_schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
+    """The model's schema, its nested models moved to `components`."""
+    schema = model.model_json_schema(ref_template=REF_TEMPLATE)
+    for name, nested in schema.pop("$defs", {}).items():
+        components[name] = openapi_compatible(nested)
+    return dict(openapi_compatible(schema))
+
+
+def queries_schema(components: dict[str, Any]) -> dict[str, Any]:
+    """The body of `POST /api/queries`: one alternative per query type."""
+    options = model_schema(models.QueryOptions, components)
+    return {
+        "oneOf": [
+            {
+                "type": "object",
+                "description": f"{name} query",
+                "required": ["query_type", "query"],
+                "properties": {
+                    "query_type": {"type": "string", "enum": [name]},
+                    "query": model_schema(model, components),
+                    "kwargs": options,
+                },
+            }
+            for name, model in models.QUERY_MODELS.items()
+        ]
+    }
+
+
+def body_schema(method: str, path: str, components: dict[str, Any]) -> dict[str, Any] | None:
+    if (method, path) == ("POST", "/api/queries"):
+        return queries_schema(components)
+    body = REQUEST_BODIES.get((method, path))
+    if body is None or isinstance(body, dict):
+        return body
+    return model_schema(body, components)
+
+
+def summary(handler: Any) -> str:
+    """The handler docstring's first sentence, without the `METHOD /path:` it starts with."""
+    doc = (handler.__doc__ or handler.__name__).strip().splitlines()[0]
+    return re.sub(r"^[A-Z]+(/[A-Z]+)*( /\S*)?:\s*", "", doc).rstrip(".") or doc
+
+
+def responses(path: str) -> dict[str, Any]:
+    if path == IMAGE_PATH:
+        image = {"description": "image", "content": {"image/png": {}, "image/fits": {}}}
+        return {"200": image, "404": {"$ref": "#/components/responses/NotFound"}, **ERRORS}
+    ok = {
+        "description": "success",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Success"}}},
+    }
+    return {"200": ok, **ERRORS}
+
+
+def operation(method: str, path: str, handler: Any, components: dict[str, Any]) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary(handler), "responses": responses(path)}
+    names = re.findall(r"{(\w+)}", path)
+    if names:
+        op["parameters"] = [
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": PATH_PARAMETERS.get(name, {"type": "string"}),
+            }
+            for name in names
+        ]
+    body = body_schema(method, path, components)
     if body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-    if public:
+    if is_public(path):
         op["security"] = []
     return op
 
 
-def _path_param(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": schema}
+def paths(router: web.UrlDispatcher, components: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, dict[str, Any]] = {}
+    for route in router.routes():
+        path = route.resource.canonical if route.resource else ""
+        if route.method == "HEAD" or not path or path.startswith(HIDDEN_PREFIX):
+            continue
+        method = route.method.upper()
+        out.setdefault(path, {})[method.lower()] = operation(
+            method, path, route.handler, components
+        )
+    return out
 
 
-def spec(cfg: Config) -> dict[str, Any]:
-    obj = {"type": "object"}
-    filter_id = _path_param("filter_id", {"type": "integer", "minimum": 1})
+def envelope_schemas() -> dict[str, Any]:
+    return {
+        "Success": {
+            "type": "object",
+            "properties": {"status": {"type": "string"}, "message": {"type": "string"}, "data": {}},
+        },
+        "Error": {
+            "type": "object",
+            "required": ["status", "message"],
+            "properties": {
+                "status": {"type": "string", "enum": ["error"]},
+                "message": {"type": "string"},
+            },
+        },
+    }
+
+
+def spec(cfg: Config, router: web.UrlDispatcher) -> dict[str, Any]:
+    components: dict[str, Any] = {}
+    for model in models.TRIGGERS:
+        components[model.__name__] = model_schema(model, components)
+    documented = paths(router, components)
     return {
         "openapi": "3.0.3",
         "info": {
@@ -64,190 +195,12 @@ def spec(cfg: Config) -> dict[str, Any]:
             "contact": {"name": cfg.server.contact.name, "email": cfg.server.contact.email},
         },
         "security": [{"bearerAuth": []}],
-        "paths": {
-            "/": {"get": _op("Ping")},
-            "/api/auth": {
-                "post": _op(
-                    "Get a token",
-                    {
-                        "type": "object",
-                        "required": ["username", "password"],
-                        "properties": {
-                            "username": {"type": "string"},
-                            "password": {"type": "string"},
-                        },
-                    },
-                    public=True,
-                )
-            },
-            "/api/users": {
-                "get": _op("List users (admin)"),
-                "post": _op(
-                    "Add a user (admin)",
-                    {
-                        "type": "object",
-                        "required": ["username", "password"],
-                        "properties": {
-                            "username": {"type": "string"},
-                            "password": {"type": "string"},
-                            "email": {"type": "string"},
-                            "admin": {"type": "boolean"},
-                            "permissions": {
-                                "type": "object",
-                                "description": 'programids per survey, e.g. {"ZTF": [1, 2]}',
-                                "additionalProperties": {
-                                    "type": "array",
-                                    "items": {"type": "integer"},
-                                },
-                            },
-                        },
-                    },
-                ),
-            },
-            "/api/users/{username}": {
-                "parameters": [_path_param("username", {"type": "string"})],
-                "put": _op("Edit a user (admin)", obj),
-                "delete": _op("Remove a user (admin)"),
-            },
-            "/api/users/{username}/revoke": {
-                "parameters": [_path_param("username", {"type": "string"})],
-                "post": _op("Revoke every token issued to a user so far (admin)"),
-            },
-            "/api/queries": {
-                "post": _op(
-                    "Run a query",
-                    {
-                        "type": "object",
-                        "required": ["query_type", "query"],
-                        "properties": {
-                            "query_type": {"type": "string", "enum": QUERY_TYPES},
-                            "query": obj,
-                            "kwargs": {
-                                "type": "object",
-                                "properties": {
-                                    "limit": {"type": "integer"},
-                                    "skip": {"type": "integer"},
-                                    "sort": {},
-                                    "hint": {},
-                                    "max_time_ms": {"type": "integer"},
-                                    "filter_first": {"type": "boolean"},
-                                    "allowDiskUse": {"type": "boolean"},
-                                },
-                            },
-                        },
-                    },
-                )
-            },
-            "/api/filters": {
-                "post": _op(
-                    "Create a filter or a new version (admin)",
-                    {
-                        "type": "object",
-                        "required": ["group_id", "filter_id", "catalog", "permissions", "pipeline"],
-                        "properties": {
-                            "group_id": {"type": "integer"},
-                            "filter_id": {"type": "integer"},
-                            "catalog": {"type": "string"},
-                            "permissions": {"type": "array", "items": {"type": "integer"}},
-                            "pipeline": {"type": "array", "items": obj},
-                            "autosave": {},
-                            "auto_followup": obj,
-                            "update_annotations": {"type": "boolean"},
-                        },
-                    },
-                ),
-                "patch": _op(
-                    "Modify a filter (admin)",
-                    {
-                        "type": "object",
-                        "required": ["filter_id"],
-                        "properties": {"filter_id": {"type": "integer"}},
-                    },
-                ),
-            },
-            "/api/filters/{filter_id}": {
-                "parameters": [filter_id],
-                "get": _op("Get a filter (admin)"),
-                "delete": _op("Delete a filter (admin)"),
-            },
-            "/api/filters/{filter_id}/test": {
-                "parameters": [filter_id],
-                "post": _op("Run a filter over archived alerts (admin)", obj),
-            },
-            "/api/cutouts/{survey}/{candid}/{cutout}/{file_format}": {
-                "parameters": [
-                    _path_param(
-                        "survey", {"type": "string", "enum": ["ztf", "pgir", "wntr", "turbo"]}
-                    ),
-                    _path_param("candid", {"type": "integer", "minimum": 0}),
-                    _path_param(
-                        "cutout", {"type": "string", "enum": ["science", "template", "difference"]}
-                    ),
-                    _path_param("file_format", {"type": "string", "enum": ["fits", "png"]}),
-                ],
-                "get": {
-                    "summary": "Alert cutout as FITS or PNG",
-                    "responses": {
-                        "200": {
-                            "description": "image",
-                            "content": {"image/png": {}, "image/fits": {}},
-                        },
-                        "404": {"$ref": "#/components/responses/NotFound"},
-                        **ERRORS,
-                    },
-                },
-            },
-            "/api/classifications/{survey}": {
-                "parameters": [_path_param("survey", {"type": "string"})],
-                "put": _op("Add classifications (admin)", obj),
-                "delete": _op("Delete classifications (admin)", obj),
-            },
-            "/api/classifications/{survey}/{candid}": {
-                "parameters": [
-                    _path_param("survey", {"type": "string"}),
-                    _path_param("candid", {"type": "integer", "minimum": 0}),
-                ],
-                "get": _op("Get classifications of an alert"),
-            },
-            "/api/triggers/{kind}": {
-                "parameters": [
-                    _path_param(
-                        "kind",
-                        {"type": "string", "enum": ["ztf", "ztf.test", "ztfmma", "ztfmma.test"]},
-                    )
-                ],
-                "put": _op("Submit a ZTF ToO queue / MMA trigger (admin)", obj),
-                "get": _op("Get ZTF queues / MMA triggers (admin)"),
-                "delete": _op("Delete a ZTF queue / MMA trigger (admin)", obj),
-            },
-            "/api/skymap": {
-                "put": _op("Add a skymap", obj),
-                "get": _op("Get a skymap"),
-                "delete": _op("Delete a skymap", obj),
-            },
-        },
+        "paths": documented,
         "components": {
             "securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
             },
-            "schemas": {
-                "Success": {
-                    "type": "object",
-                    "properties": {
-                        "status": {"type": "string"},
-                        "message": {"type": "string"},
-                        "data": {},
-                    },
-                },
-                "Error": {
-                    "type": "object",
-                    "required": ["status", "message"],
-                    "properties": {
-                        "status": {"type": "string", "enum": ["error"]},
-                        "message": {"type": "string"},
-                    },
-                },
-            },
+            "schemas": {**envelope_schemas(), **components},
             "responses": {
                 name: {
                     "description": name,
@@ -270,11 +223,12 @@ DOCS_PAGE = """<!DOCTYPE html>
 
 
 async def spec_json(request: web.Request) -> web.Response:
-    return web.Response(
-        text=json.dumps(spec(request.app["config"])), content_type="application/json"
-    )
+    """GET /docs/api/openapi.json: this document."""
+    document = spec(request.app[CONFIG], request.app.router)
+    return web.Response(text=json.dumps(document), content_type="application/json")
 
 
 async def docs_page(request: web.Request) -> web.Response:
-    cfg: Config = request.app["config"]
+    """GET /docs/api: the ReDoc page."""
+    cfg: Config = request.app[CONFIG]
     return web.Response(text=DOCS_PAGE.format(title=cfg.server.name), content_type="text/html")

@@ -18,15 +18,15 @@ from typing import Any
 from aiohttp import web
 
 from api.auth import User, current_user
-from api.responses import BadRequest, Forbidden
+from api.models import collection_name
+from api.responses import Forbidden
 from api.safety import referenced_collections
+from api.state import CONFIG
 from kowalski.config import Config
 from kowalski.db import system_collection_names
 from kowalski.surveys import Survey, survey_for_collection
 
-RIGHTS_KEY = "rights"
 HISTORY_ARRAYS = ("prv_candidates", "fp_hists")
-MAX_COLLECTION_NAME = 255
 Stage = dict[str, Any]
 
 
@@ -66,15 +66,7 @@ class DataRights:
     # ------------------------------------------------------------------ validation
 
     def check_catalog(self, catalog: Any, field: str = "query.catalog") -> str:
-        if not isinstance(catalog, str) or not catalog:
-            raise BadRequest(f"{field} must be a collection name")
-        if (
-            len(catalog) > MAX_COLLECTION_NAME
-            or catalog.startswith((".", "system."))
-            or ".." in catalog
-            or any(c in catalog for c in "\x00$")
-        ):
-            raise BadRequest(f"{field}: invalid collection name {catalog!r}")
+        catalog = collection_name(catalog, field)
         if catalog in self.protected and not self.admin:
             raise Forbidden(f"Forbidden: {catalog} is a protected collection")
         return catalog
@@ -146,10 +138,13 @@ class DataRights:
         return [*self.restriction(catalog), *([{"$match": flt}] if flt else [])]
 
 
+RIGHTS_KEY: web.RequestKey[DataRights] = web.RequestKey("rights")
+
+
 def data_rights(request: web.Request) -> DataRights:
     """The request's data rights (401 when nobody is logged in)."""
-    rights: DataRights | None = request.get(RIGHTS_KEY)
+    rights = request.get(RIGHTS_KEY)
     if rights is None:
-        rights = DataRights(current_user(request), request.app["config"])
+        rights = DataRights(current_user(request), request.app[CONFIG])
         request[RIGHTS_KEY] = rights
     return rights

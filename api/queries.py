@@ -14,8 +14,6 @@ cone/near searches run concurrently; large results stream.
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,12 +23,28 @@ from aiohttp import web
 from pymongo.asynchronous.database import AsyncDatabase
 
 from api.auth import read_body
+from api.models import (
+    QUERY_MODELS,
+    AggregateQuery,
+    CatalogSpec,
+    ConeSearchQuery,
+    CountQuery,
+    DropQuery,
+    EstimatedCountQuery,
+    FindQuery,
+    InfoQuery,
+    NearQuery,
+    QueryOptions,
+    QueryRequest,
+    SkymapQuery,
+    parse,
+    query_options,
+)
 from api.policy import DataRights, data_rights
 from api.responses import BadRequest, Forbidden, NotFound, TooManyRequests, stream_list, success
-from api.safety import check_safe, parse_json_arg
+from api.state import CONFIG, DB
 from kowalski import cones
 from kowalski.config import Config
-from kowalski.coords import RADIUS_TO_RAD, parse_dec, parse_ra
 
 MESSAGE = "Successfully executed query"
 STREAM_AFTER = 500  # documents: larger results are streamed
@@ -38,66 +52,6 @@ CONE_CONCURRENCY = 16
 EARTH_RADIUS_M = 6378100.0  # MongoDB's sphere for GeoJSON distances
 DEADLINE_GRACE_S = 0.5  # the server's own maxTimeMS usually answers first
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class QueryOptions:
-    """`kwargs`, validated once before anything runs."""
-
-    max_time_ms: int
-    skip: int | None = None
-    limit: int | None = None
-    sort: list[tuple[str, int]] | None = None
-    hint: Any = None
-    allow_disk_use: bool = True
-    filter_first: bool = False
-
-    @property
-    def per_object(self) -> bool:
-        return any(v is not None for v in (self.skip, self.limit, self.sort, self.hint))
-
-    def paging(self) -> dict[str, Any]:
-        """skip / limit / hint as given."""
-        options: dict[str, Any] = {}
-        if self.skip is not None:
-            options["skip"] = self.skip
-        if self.limit is not None:
-            options["limit"] = self.limit
-        if self.hint is not None:
-            options["hint"] = self.hint
-        return options
-
-
-def count_kwarg(kwargs: dict[str, Any], name: str) -> int | None:
-    value = kwargs.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-        raise BadRequest(f"kwargs.{name} must be a non-negative integer")
-    return value
-
-
-def parse_options(kwargs: dict[str, Any], cfg: Config) -> QueryOptions:
-    max_time_ms = kwargs.get("max_time_ms", cfg.misc.max_time_ms)
-    if (
-        isinstance(max_time_ms, bool)
-        or not isinstance(max_time_ms, int | float)
-        or not math.isfinite(max_time_ms)
-        or not 1 <= max_time_ms < 2**31
-    ):
-        raise BadRequest("kwargs.max_time_ms must be a positive number of milliseconds")
-    hint = kwargs.get("hint")
-    if hint is not None and not isinstance(hint, str):
-        hint = parse_sort(hint, field="hint")
-    return QueryOptions(
-        max_time_ms=int(max_time_ms),
-        skip=count_kwarg(kwargs, "skip"),
-        limit=count_kwarg(kwargs, "limit"),
-        sort=parse_sort(kwargs.get("sort")),
-        hint=hint,
-        allow_disk_use=bool(kwargs.get("allowDiskUse", True)),
-        filter_first=bool(kwargs.get("filter_first", False)),
-    )
 
 
 @dataclass
@@ -138,62 +92,8 @@ class QueryContext:
             raise
 
 
-def parse_sort(value: Any, field: str = "sort") -> list[tuple[str, int]] | None:
-    """`[[field, dir], ...]` (documented), `{field: dir}` (SkyPortal) or `"field"`."""
-    value = parse_json_arg(value, f"kwargs.{field}")
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [(value, 1)]
-    pairs = list(value.items()) if isinstance(value, dict) else value
-    if not isinstance(pairs, list):
-        raise BadRequest(f"kwargs.{field} must be a list of [field, direction] pairs or a mapping")
-    out = []
-    for pair in pairs:
-        if not isinstance(pair, list | tuple) or len(pair) != 2 or not isinstance(pair[0], str):
-            raise BadRequest(f"kwargs.{field}: each item must be [field, direction], got {pair!r}")
-        direction = pair[1]
-        if direction in ("asc", "ascending"):
-            direction = 1
-        elif direction in ("desc", "descending"):
-            direction = -1
-        if direction not in (1, -1) and not isinstance(direction, str):
-            raise BadRequest(f"kwargs.{field}: direction of {pair[0]!r} must be 1 or -1")
-        out.append((pair[0], direction))
-    return out
-
-
-def get_filter(query: dict[str, Any], required: bool = True) -> dict[str, Any]:
-    if "filter" not in query:
-        if required:
-            raise BadRequest("query.filter is required (use {} to match everything)")
-        return {}
-    flt = parse_json_arg(query["filter"], "query.filter")
-    if not isinstance(flt, dict):
-        raise BadRequest("query.filter must be an object")
-    check_safe(flt, "query.filter")
-    return flt
-
-
-def get_projection(query: dict[str, Any], field: str = "query.projection") -> dict[str, Any] | None:
-    projection = parse_json_arg(query.get("projection"), field)
-    if projection in (None, {}):
-        return None
-    if not isinstance(projection, dict):
-        raise BadRequest(f"{field} must be an object")
-    check_safe(projection, field)
-    return projection
-
-
-def get_pipeline(ctx: QueryContext, query: dict[str, Any]) -> list[dict[str, Any]]:
-    pipeline = parse_json_arg(query.get("pipeline"), "query.pipeline")
-    if not isinstance(pipeline, list) or not pipeline:
-        raise BadRequest("query.pipeline must be a non-empty list of stages")
-    if not all(isinstance(stage, dict) and len(stage) == 1 for stage in pipeline):
-        raise BadRequest("query.pipeline: each stage must be an object with exactly one operator")
-    check_safe(pipeline, "query.pipeline")
-    if any("$unionWith" in stage for stage in pipeline):
-        raise Forbidden("Forbidden: query.pipeline uses $unionWith, which queries may not use")
+def checked_pipeline(ctx: QueryContext, pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A validated pipeline whose joins only reach what the user may read."""
     ctx.rights.check_joins(pipeline)
     return pipeline
 
@@ -290,32 +190,31 @@ async def permitted_count(ctx: QueryContext, catalog: str, flt: dict[str, Any]) 
 # ------------------------------------------------------------------ query types
 
 
-async def q_find(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    catalog = ctx.rights.check_catalog(query.get("catalog"))
-    flt, projection = get_filter(query), get_projection(query)
-    return await respond_cursor(ctx, find_docs(ctx, catalog, flt, projection))
+async def q_find(ctx: QueryContext, query: FindQuery) -> web.StreamResponse:
+    catalog = ctx.rights.check_catalog(query.catalog)
+    return await respond_cursor(ctx, find_docs(ctx, catalog, query.filter, query.projection))
 
 
-async def q_find_one(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    catalog = ctx.rights.check_catalog(query.get("catalog"))
-    flt, projection = get_filter(query), get_projection(query)
+async def q_find_one(ctx: QueryContext, query: FindQuery) -> web.StreamResponse:
+    catalog = ctx.rights.check_catalog(query.catalog)
 
     async def run() -> list[Any]:
-        return list(await (await find_docs(ctx, catalog, flt, projection, one=True)).to_list())
+        cursor = await find_docs(ctx, catalog, query.filter, query.projection, one=True)
+        return list(await cursor.to_list())
 
     docs = await ctx.bounded(run())
     return success(MESSAGE, docs[0] if docs else None)
 
 
-async def q_count_documents(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    catalog = ctx.rights.check_catalog(query.get("catalog"))
-    return success(MESSAGE, await permitted_count(ctx, catalog, get_filter(query)))
+async def q_count_documents(ctx: QueryContext, query: CountQuery) -> web.StreamResponse:
+    catalog = ctx.rights.check_catalog(query.catalog)
+    return success(MESSAGE, await permitted_count(ctx, catalog, query.filter))
 
 
 async def q_estimated_document_count(
-    ctx: QueryContext, query: dict[str, Any]
+    ctx: QueryContext, query: EstimatedCountQuery
 ) -> web.StreamResponse:
-    catalog = ctx.rights.check_catalog(query.get("catalog"))
+    catalog = ctx.rights.check_catalog(query.catalog)
     clause = ctx.rights.document_clause(catalog)
     coll = ctx.db[catalog]
     if clause is not None:
@@ -325,9 +224,9 @@ async def q_estimated_document_count(
     return success(MESSAGE, count)
 
 
-async def q_aggregate(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    catalog = ctx.rights.check_catalog(query.get("catalog"))
-    pipeline = ctx.rights.restriction(catalog) + get_pipeline(ctx, query)
+async def q_aggregate(ctx: QueryContext, query: AggregateQuery) -> web.StreamResponse:
+    catalog = ctx.rights.check_catalog(query.catalog)
+    pipeline = ctx.rights.restriction(catalog) + checked_pipeline(ctx, query.pipeline)
     cursor = ctx.db[catalog].aggregate(
         pipeline, allowDiskUse=ctx.options.allow_disk_use, **ctx.aggregate_options()
     )
@@ -363,10 +262,8 @@ async def db_info(ctx: QueryContext) -> dict[str, Any]:
     return shown
 
 
-async def q_info(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    command = query.get("command")
-    if not isinstance(command, str):
-        command = None
+async def q_info(ctx: QueryContext, query: InfoQuery) -> web.StreamResponse:
+    command = query.command
     if command == "catalog_names":
         hidden = set() if ctx.rights.admin else ctx.rights.protected
         names = [
@@ -377,88 +274,24 @@ async def q_info(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse
         return success(MESSAGE, sorted(names, reverse=True))
     if command == "db_info":
         return success(MESSAGE, await db_info(ctx))
-    if command in ("catalog_info", "index_info"):
-        catalog = ctx.rights.check_catalog(query.get("catalog"))
-        if command == "index_info":
-            return success(MESSAGE, await ctx.bounded(ctx.db[catalog].index_information()))
-        return success(MESSAGE, await catalog_info(ctx, catalog))
-    raise BadRequest(
-        "query.command must be one of catalog_names, catalog_info, index_info, db_info"
-    )
+    catalog = ctx.rights.check_catalog(query.catalog)
+    if command == "index_info":
+        return success(MESSAGE, await ctx.bounded(ctx.db[catalog].index_information()))
+    return success(MESSAGE, await catalog_info(ctx, catalog))
 
 
-def parse_radec(value: Any) -> dict[str, tuple[float, float]]:
-    """Named positions from `{name: [ra, dec]}`, `[[ra, dec], ...]` or a string of either / "ra dec"."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text[:1] in "[{(":
-            try:
-                value = json.loads(text.replace("(", "[").replace(")", "]"))
-            except (json.JSONDecodeError, RecursionError) as exc:
-                raise BadRequest(f"radec: cannot parse {text!r}: {exc}") from None
-        else:
-            parts = text.replace(",", " ").split()
-            if len(parts) != 2:
-                raise BadRequest(f"radec: expected 'ra dec', got {text!r}")
-            value = {text.replace(".", "_"): parts}
-    if isinstance(value, list):
-        pairs = value if value and isinstance(value[0], list | tuple) else [value]
-        value = {str(list(p)).replace(".", "_"): p for p in pairs}
-    if not isinstance(value, dict) or not value:
-        raise BadRequest("radec must be {name: [ra, dec]}, a list of [ra, dec] or a string")
-    out: dict[str, tuple[float, float]] = {}
-    for name, pair in value.items():
-        if not isinstance(pair, list | tuple) or len(pair) != 2:
-            raise BadRequest(f"radec.{name}: expected [ra, dec], got {pair!r}")
-        try:
-            out[str(name).replace(".", "_")] = (parse_ra(pair[0]), parse_dec(pair[1]))
-        except ValueError as exc:
-            raise BadRequest(f"radec.{name}: {exc}") from None
-    return out
-
-
-def radius_in_rad(value: Any, unit: Any, field: str) -> float:
-    if not isinstance(unit, str) or unit not in RADIUS_TO_RAD:
-        raise BadRequest(f"{field} unit must be one of {sorted(RADIUS_TO_RAD)}, got {unit!r}")
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise BadRequest(f"{field} must be a finite non-negative number")
-    return float(value) * RADIUS_TO_RAD[unit]
-
-
-def get_catalogs(ctx: QueryContext, query: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    catalogs = parse_json_arg(query.get("catalogs"), "query.catalogs")
-    if not isinstance(catalogs, dict) or not catalogs:
-        raise BadRequest("query.catalogs must be an object {catalog: {filter, projection}}")
-    out = {}
-    for name, spec in catalogs.items():
-        ctx.rights.check_catalog(name, f"query.catalogs.{name}")
-        spec = spec or {}
-        if not isinstance(spec, dict):
-            raise BadRequest(f"query.catalogs.{name} must be an object")
-        out[name] = {
-            "filter": get_filter(spec, required=False),
-            "projection": get_projection(spec, f"query.catalogs.{name}.projection"),
-        }
-    return out
-
-
-PositionalRun = Callable[[str, dict[str, Any], float, float], Awaitable[list[Any]]]
+PositionalRun = Callable[[str, CatalogSpec, float, float], Awaitable[list[Any]]]
 
 
 async def gather_positional(
-    catalogs: dict[str, dict[str, Any]],
+    catalogs: dict[str, CatalogSpec],
     objects: dict[str, tuple[float, float]],
     run: PositionalRun,
 ) -> dict[str, dict[str, list[Any]]]:
     """Run `run(catalog, spec, ra, dec)` for every catalog x object concurrently (bounded)."""
     semaphore = asyncio.Semaphore(CONE_CONCURRENCY)
 
-    async def one(catalog: str, spec: dict[str, Any], ra: float, dec: float) -> list[Any]:
+    async def one(catalog: str, spec: CatalogSpec, ra: float, dec: float) -> list[Any]:
         async with semaphore:
             return await run(catalog, spec, ra, dec)
 
@@ -470,24 +303,22 @@ async def gather_positional(
     return out
 
 
-async def q_cone_search(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    coords = parse_json_arg(query.get("object_coordinates"), "query.object_coordinates")
-    if not isinstance(coords, dict):
-        raise BadRequest("query.object_coordinates must be an object")
-    radius = radius_in_rad(
-        coords.get("cone_search_radius"),
-        coords.get("cone_search_unit", "arcsec"),
-        "query.object_coordinates.cone_search_radius",
-    )
-    objects = parse_radec(coords.get("radec"))
-    catalogs = get_catalogs(ctx, query)
+def readable_catalogs(ctx: QueryContext, catalogs: dict[str, CatalogSpec]) -> None:
+    for name in catalogs:
+        ctx.rights.check_catalog(name, f"query.catalogs.{name}")
+
+
+async def q_cone_search(ctx: QueryContext, query: ConeSearchQuery) -> web.StreamResponse:
+    coords, catalogs = query.object_coordinates, query.catalogs
+    radius, objects = coords.radius_rad, coords.radec
+    readable_catalogs(ctx, catalogs)
     filter_first = ctx.options.filter_first
 
-    async def run(catalog: str, spec: dict[str, Any], ra: float, dec: float) -> list[Any]:
+    async def run(catalog: str, spec: CatalogSpec, ra: float, dec: float) -> list[Any]:
         cone = cones.cone_query(ra, dec, radius, await cones.has_cells(ctx.db[catalog]))
-        user = {k: v for k, v in spec["filter"].items() if k != cones.GEO_FIELD}
+        user = {k: v for k, v in spec.filter.items() if k != cones.GEO_FIELD}
         flt = cones.and_filters(user, cone) if filter_first else cones.and_filters(cone, user)
-        return await find_list(ctx, catalog, flt, spec["projection"])
+        return await find_list(ctx, catalog, flt, spec.projection)
 
     if ctx.options.per_object:  # skip/limit/sort/hint apply to each object's query, as upstream
         return success(MESSAGE, await gather_positional(catalogs, objects, run))
@@ -496,7 +327,7 @@ async def q_cone_search(ctx: QueryContext, query: dict[str, Any]) -> web.StreamR
 
 async def batched_cones(
     ctx: QueryContext,
-    catalogs: dict[str, dict[str, Any]],
+    catalogs: dict[str, CatalogSpec],
     objects: dict[str, tuple[float, float]],
     radius: float,
     run: PositionalRun,
@@ -507,8 +338,8 @@ async def batched_cones(
     positions = [objects[n] for n in names]
     semaphore = asyncio.Semaphore(CONE_CONCURRENCY)
 
-    async def one_catalog(catalog: str, spec: dict[str, Any]) -> dict[str, list[Any]]:
-        plan = cones.projection_with_position(spec["projection"])
+    async def one_catalog(catalog: str, spec: CatalogSpec) -> dict[str, list[Any]]:
+        plan = cones.projection_with_position(spec.projection)
         if plan is None:  # the projection hides positions: query per object
             docs = await asyncio.gather(*(run(catalog, spec, *objects[n]) for n in names))
             return dict(zip(names, docs, strict=True))
@@ -519,7 +350,7 @@ async def batched_cones(
                 return await find_list(ctx, catalog, query, projection)
 
         cells = await cones.has_cells(ctx.db[catalog])
-        matches = await cones.search(find, positions, radius, spec["filter"], cells)
+        matches = await cones.search(find, positions, radius, spec.filter, cells)
         return {
             name: [cones.strip_position(d) if strip else d for d, _ in found]
             for name, found in zip(names, matches, strict=True)
@@ -529,24 +360,16 @@ async def batched_cones(
     return dict(zip(catalogs, results, strict=True))
 
 
-async def q_near(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    units = query.get("distance_units", "rad")
-    min_rad = radius_in_rad(query.get("min_distance", 0), units, "query.min_distance")
-    if "max_distance" in query:
-        max_rad = radius_in_rad(query["max_distance"], units, "query.max_distance")
-    else:
-        max_rad = RADIUS_TO_RAD["arcmin"]
-    if max_rad < min_rad:
-        raise BadRequest("query.max_distance must not be smaller than query.min_distance")
-    objects = parse_radec(query.get("radec"))
-    catalogs = get_catalogs(ctx, query)
+async def q_near(ctx: QueryContext, query: NearQuery) -> web.StreamResponse:
+    min_rad, max_rad, objects, catalogs = query.min_rad, query.max_rad, query.radec, query.catalogs
+    readable_catalogs(ctx, catalogs)
     options = ctx.cursor_options()
 
-    async def run(catalog: str, spec: dict[str, Any], ra: float, dec: float) -> list[Any]:
+    async def run(catalog: str, spec: CatalogSpec, ra: float, dec: float) -> list[Any]:
         # $geoNear must come first: where the restriction rewrites documents, it and the
         # user's filter follow it (the user's filter never sees hidden points)
         rewritten = ctx.rights.needs_pipeline(catalog)
-        geo_query = {} if rewritten else ctx.rights.find_filter(catalog, spec["filter"])
+        geo_query = {} if rewritten else ctx.rights.find_filter(catalog, spec.filter)
         pipeline: list[dict[str, Any]] = [
             {
                 "$geoNear": {
@@ -561,11 +384,11 @@ async def q_near(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse
             }
         ]
         if rewritten:
-            pipeline += ctx.rights.pipeline(catalog, spec["filter"])
+            pipeline += ctx.rights.pipeline(catalog, spec.filter)
         pipeline += paging_stages(options)
         pipeline.append({"$unset": "__near_distance"})
-        if spec["projection"]:
-            pipeline.append({"$project": spec["projection"]})
+        if spec.projection:
+            pipeline.append({"$project": spec.projection})
 
         async def fetch() -> list[Any]:
             cursor = await ctx.db[catalog].aggregate(pipeline, **ctx.aggregate_options())
@@ -576,56 +399,24 @@ async def q_near(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse
     return success(MESSAGE, await gather_positional(catalogs, objects, run))
 
 
-def plain(value: Any, field: str) -> Any:
-    """An identifier given as a plain value (string or number), never an operator object."""
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise BadRequest(f"{field} must be a string or a number")
-    return value
-
-
-def skymap_selector(spec: Any) -> tuple[dict[str, Any], str]:
-    """The skymaps query and the contour key for `query.skymap` (validated, no database)."""
-    if not isinstance(spec, dict) or not spec.get("localization_name"):
-        raise BadRequest("query.skymap.localization_name is required")
-    alternatives: list[dict[str, Any]] = []
-    if spec.get("dateobs"):
-        from api.skymap import parse_dateobs
-
-        alternatives.append({"dateobs": parse_dateobs(spec["dateobs"])})
-    trigger = spec.get("trigger_id", spec.get("triggerid"))
-    if trigger is not None:
-        alternatives.append({"triggerid": plain(trigger, "query.skymap.trigger_id")})
-    if spec.get("aliases"):
-        aliases = spec["aliases"] if isinstance(spec["aliases"], list) else [spec["aliases"]]
-        aliases = [plain(a, "query.skymap.aliases") for a in aliases]
-        alternatives.append({"aliases": {"$in": aliases}})
-    if not alternatives:
-        raise BadRequest("query.skymap needs dateobs, trigger_id or aliases")
-    contour = spec.get("contour", 90)
-    if isinstance(contour, bool) or not isinstance(contour, int) or not 0 < contour <= 100:
-        raise BadRequest("query.skymap.contour must be an integer percentage")
-    name = plain(spec["localization_name"], "query.skymap.localization_name")
-    return {"localization_name": name, "$or": alternatives}, f"contour{contour}"
-
-
-async def q_skymap(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    selector, contour = skymap_selector(query.get("skymap"))
-    catalog = ctx.rights.check_catalog(query.get("catalog"))
-    user_filter, projection = get_filter(query, required=False), get_projection(query)
+async def q_skymap(ctx: QueryContext, query: SkymapQuery) -> web.StreamResponse:
+    catalog = ctx.rights.check_catalog(query.catalog)
+    contour = query.skymap.contour_key
     skymaps = ctx.db[ctx.cfg.database.collections["skymaps"]]
-    doc = await ctx.bounded(skymaps.find_one(selector, {f"contours.{contour}": 1}))
+    doc = await ctx.bounded(skymaps.find_one(query.skymap.selector(), {f"contours.{contour}": 1}))
     if doc is None:
         raise NotFound("skymap not found")
     geometry = doc.get("contours", {}).get(contour)
     if geometry is None:
         raise BadRequest(f"ValueError: Contour level {contour[7:]} not found in skymap")
     geo = {"type": geometry["type"], "coordinates": geometry["coordinates"]}
-    flt = {"$and": [user_filter, {"coordinates.radec_geojson": {"$geoWithin": {"$geometry": geo}}}]}
-    return await respond_cursor(ctx, find_docs(ctx, catalog, flt, projection))
+    within = {"coordinates.radec_geojson": {"$geoWithin": {"$geometry": geo}}}
+    flt = {"$and": [query.filter, within]}
+    return await respond_cursor(ctx, find_docs(ctx, catalog, flt, query.projection))
 
 
-async def q_drop(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse:
-    catalog = ctx.rights.check_catalog(query.get("catalog"))
+async def q_drop(ctx: QueryContext, query: DropQuery) -> web.StreamResponse:
+    catalog = ctx.rights.check_catalog(query.catalog)
     if not ctx.rights.admin:
         raise Forbidden("Forbidden: only admins may drop collections")
     if catalog in ctx.rights.protected:
@@ -634,7 +425,7 @@ async def q_drop(ctx: QueryContext, query: dict[str, Any]) -> web.StreamResponse
     return success("Successfully dropped collection")
 
 
-QUERY_TYPES: dict[str, Callable[[QueryContext, dict[str, Any]], Awaitable[web.StreamResponse]]] = {
+QUERY_TYPES: dict[str, Callable[[QueryContext, Any], Awaitable[web.StreamResponse]]] = {
     "find": q_find,
     "find_one": q_find_one,
     "count_documents": q_count_documents,
@@ -681,19 +472,12 @@ QUERY_SLOTS = web.AppKey("query_slots", QuerySlots)
 
 async def queries_post(request: web.Request) -> web.StreamResponse:
     """POST /api/queries: run a query (see the OpenAPI docs for every query type)."""
-    body = await read_body(request)
-    query_type = body.get("query_type")
-    if not isinstance(query_type, str) or query_type not in QUERY_TYPES:
-        raise BadRequest(f"query_type must be one of {sorted(QUERY_TYPES)}, got {query_type!r}")
-    query = parse_json_arg(body.get("query", {}), "query")
-    kwargs = parse_json_arg(body.get("kwargs") or {}, "kwargs")
-    if not isinstance(query, dict):
-        raise BadRequest("query must be an object")
-    if not isinstance(kwargs, dict):
-        raise BadRequest("kwargs must be an object")
-    cfg: Config = request.app["config"]
+    cfg: Config = request.app[CONFIG]
+    body = parse(QueryRequest, await read_body(request))
+    options = query_options(body.kwargs, cfg.misc.max_time_ms)
+    query = parse(QUERY_MODELS[body.query_type], body.query)
     rights = data_rights(request)
-    ctx = QueryContext(request, cfg, request.app["db"], rights, parse_options(kwargs, cfg))
+    ctx = QueryContext(request, cfg, request.app[DB], rights, options)
     wait_s = ctx.max_time_ms / 1000 + DEADLINE_GRACE_S
     async with request.app[QUERY_SLOTS].slot(rights.user.username, wait_s):
-        return await QUERY_TYPES[query_type](ctx, query)
+        return await QUERY_TYPES[body.query_type](ctx, query)

@@ -20,11 +20,13 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 from aiohttp import web
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DocumentTooLarge, DuplicateKeyError, WriteError
 
 from api.auth import admin_required, read_body
+from api.models import SkymapPut, parse, parse_dateobs, parse_levels, plain_triggerid, text
 from api.responses import BadRequest, json_response, success
-from kowalski.config import Config
+from api.state import collection
 from kowalski.coords import parse_dec, parse_ra
 from kowalski.skymaps import (
     MAX_SKYMAP_BYTES,
@@ -37,70 +39,10 @@ from kowalski.skymaps import (
     read_multiorder_fits,
 )
 
-DEFAULT_CONTOURS = [90, 95]
 RING_POINTS = 72
 FETCH_TIMEOUT_S = 30.0
 NO_SKYMAP = "no skymap found"
 Contours = tuple[str, dict[str, Any], dict[str, Any]]
-
-
-# ------------------------------------------------------------------ plain-value request fields
-
-
-def plain_str(value: Any, field: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise BadRequest(f"{field} must be a non-empty string")
-    return value
-
-
-def plain_triggerid(value: Any) -> int | str:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise BadRequest("triggerid must be an integer or a string")
-    return value
-
-
-def plain_aliases(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-        raise BadRequest("aliases must be a string or a list of strings")
-    return list(value)
-
-
-def parse_dateobs(value: Any) -> dt.datetime:
-    if isinstance(value, dt.datetime):
-        return value.replace(tzinfo=None)
-    if not isinstance(value, str):
-        raise BadRequest("dateobs must be an ISO date string like 2023-01-01T00:00:00")
-    try:
-        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadRequest(f"dateobs: cannot parse {value!r}") from None
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(dt.UTC).replace(tzinfo=None)
-    return moment
-
-
-def parse_levels(value: Any) -> list[int | float]:
-    if value is None:
-        return list(DEFAULT_CONTOURS)
-    if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
-    if not isinstance(value, list):
-        value = [value]
-    levels: set[float] = set()
-    for v in value:
-        try:
-            if isinstance(v, bool) or not isinstance(v, int | float | str):
-                raise ValueError(v)
-            levels.add(float(v))
-        except ValueError:
-            raise BadRequest("contours must be numbers in (0, 100]") from None
-    if not levels or not all(0 < v <= 100 for v in levels):
-        raise BadRequest("contours must be numbers in (0, 100]")
-    return [int(v) if v.is_integer() else v for v in sorted(levels)]
 
 
 # ------------------------------------------------------------------ cones and polygons
@@ -209,7 +151,7 @@ async def multiorder_from_url(url: Any, levels: list[int | float]) -> Contours:
 
 
 async def multiorder_from_arrays(skymap: dict[str, Any], levels: list[int | float]) -> Contours:
-    name = plain_str(skymap.get("localization_name"), "skymap.localization_name")
+    name = text(skymap.get("localization_name"), "skymap.localization_name")
     try:
         sky = multiorder_map(skymap["uniq"], skymap["probdensity"])
         center, contours = await asyncio.to_thread(multiorder_contours, sky, levels)
@@ -249,9 +191,8 @@ async def read_voevent(xml: Any) -> VOEventInfo:
 # ------------------------------------------------------------------ handlers
 
 
-def _skymaps(request: web.Request) -> Any:
-    cfg: Config = request.app["config"]
-    return request.app["db"][cfg.database.collections["skymaps"]]
+def _skymaps(request: web.Request) -> AsyncCollection[dict[str, Any]]:
+    return collection(request, "skymaps")
 
 
 def level_list(names: Any) -> list[int | float]:
@@ -274,21 +215,16 @@ def lookup(dateobs: dt.datetime, name: str, triggerid: Any, aliases: list[str]) 
 @admin_required
 async def skymap_put(request: web.Request) -> web.Response:
     """PUT /api/skymap: add a skymap with its credible-level contours (admin only)."""
-    body = await read_body(request)
-    levels = parse_levels(body.get("contours"))
-    aliases = plain_aliases(body.get("aliases"))
-    triggerid = plain_triggerid(body["triggerid"]) if body.get("triggerid") is not None else None
-    dateobs = parse_dateobs(body["dateobs"]) if body.get("dateobs") is not None else None
-    if "voevent" in body:
-        info = await read_voevent(body["voevent"])
+    body = parse(SkymapPut, await read_body(request))
+    levels, aliases, triggerid, dateobs = body.contours, body.aliases, body.triggerid, body.dateobs
+    if "voevent" in body.model_fields_set:
+        info = await read_voevent(body.voevent)
         dateobs = dateobs or info.dateobs
         triggerid = info.triggerid
         aliases += [a for a in info.aliases if a not in aliases]
         source = info.skymap or {}
-    elif isinstance(body.get("skymap"), dict):
-        source = body["skymap"]
     else:
-        raise BadRequest("either skymap dict or voevent is required in the request body")
+        source = body.skymap
     if dateobs is None:
         raise BadRequest("dateobs is required in the request body or the VOEvent")
     name, center, contours = await contours_for(source, levels)
@@ -359,11 +295,11 @@ def identity(params: dict[str, Any]) -> dict[str, Any]:
     if params.get("triggerid") is not None:
         query["triggerid"] = plain_triggerid(params["triggerid"])
     if params.get("alias") is not None:
-        query["aliases"] = plain_str(params["alias"], "alias")
+        query["aliases"] = text(params["alias"], "alias")
     if not query:
         raise BadRequest("must provide dateobs, triggerid, or alias")
     if params.get("localization_name") is not None:
-        query["localization_name"] = plain_str(params["localization_name"], "localization_name")
+        query["localization_name"] = text(params["localization_name"], "localization_name")
     return query
 
 
@@ -376,7 +312,8 @@ def _triggerid_param(params: dict[str, Any]) -> dict[str, Any]:
 
 
 async def skymap_get(request: web.Request) -> web.Response:
-    """GET /api/skymap?dateobs|triggerid|alias[&localization_name][&contours=90,95]."""
+    """GET /api/skymap: a stored skymap, by dateobs, triggerid or alias (query parameters;
+    localization_name and contours=90,95 optional)."""
     params = dict(request.query)
     query = {**identity(params), **_triggerid_param(params)}
     doc = await _skymaps(request).find_one(query)
@@ -397,7 +334,7 @@ async def skymap_get(request: web.Request) -> web.Response:
 async def skymap_delete(request: web.Request) -> web.Response:
     """DELETE /api/skymap: body {dateobs|triggerid|alias, localization_name} (admin only)."""
     body = await read_body(request)
-    plain_str(body.get("localization_name"), "localization_name")
+    text(body.get("localization_name"), "localization_name")
     result = await _skymaps(request).delete_one(identity(body))
     if result.deleted_count == 0:
         return json_response({"status": "error", "message": NO_SKYMAP})

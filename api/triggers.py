@@ -14,76 +14,15 @@ import aiohttp
 from aiohttp import web
 
 from api.auth import admin_required, read_body
+from api.models import MmaTrigger, Model, TooTrigger, TriggerDelete, parse, text
 from api.responses import ApiError, BadRequest, Conflict, success
+from api.state import CONFIG
 from kowalski.config import Config
 
 TIMEOUT = aiohttp.ClientTimeout(total=10)
-TOO_TARGET_KEYS = {
-    "request_id",
-    "program_id",
-    "field_id",
-    "ra",
-    "dec",
-    "filter_id",
-    "exposure_time",
-    "program_pi",
-    "subprogram_name",
-}
-
-
-def _number(value: Any, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRequest(f"{field} must be a number")
-    return float(value)
-
-
-def _text(body: dict[str, Any], key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str) or not value:
-        raise BadRequest(f"{key} must be a non-empty string")
-    return value
-
-
-def validate_too(body: dict[str, Any]) -> dict[str, Any]:
-    _text(body, "queue_name")
-    _text(body, "user")
-    window = body.get("validity_window_mjd")
-    if not isinstance(window, list) or len(window) != 2:
-        raise BadRequest("validity_window_mjd must be [start, end] (MJD)")
-    start, end = (_number(v, "validity_window_mjd") for v in window)
-    if end <= start:
-        raise BadRequest("validity_window_mjd: end must be after start")
-    targets = body.get("targets")
-    if not isinstance(targets, list) or not targets:
-        raise BadRequest("targets must be a non-empty list")
-    for i, target in enumerate(targets):
-        if not isinstance(target, dict):
-            raise BadRequest(f"targets[{i}] must be an object")
-        missing = TOO_TARGET_KEYS - set(target)
-        if missing:
-            raise BadRequest(f"targets[{i}] is missing {sorted(missing)}")
-    return body
-
-
-def validate_mma(body: dict[str, Any]) -> dict[str, Any]:
-    _text(body, "trigger_name")
-    _text(body, "user")
-    _number(body.get("trigger_time"), "trigger_time")
-    fields = body.get("fields")
-    if not isinstance(fields, list) or not fields:
-        raise BadRequest("fields must be a non-empty list of {field_id, probability}")
-    for i, item in enumerate(fields):
-        if not isinstance(item, dict) or "field_id" not in item:
-            raise BadRequest(f"fields[{i}] must be an object with field_id and probability")
-        probability = _number(item.get("probability"), f"fields[{i}].probability")
-        if not 0 <= probability <= 1:
-            raise BadRequest(f"fields[{i}].probability must be in [0, 1]")
-    return body
-
-
-KINDS = {  # route kind -> (upstream path, name key, validator)
-    "ztf": ("queues", "queue_name", validate_too),
-    "ztfmma": ("mma_skymaps", "trigger_name", validate_mma),
+KINDS: dict[str, tuple[str, str, type[Model]]] = {  # route kind -> (upstream path, name, body)
+    "ztf": ("queues", "queue_name", TooTrigger),
+    "ztfmma": ("mma_skymaps", "trigger_name", MmaTrigger),
 }
 
 
@@ -97,7 +36,7 @@ def _kind(request: web.Request) -> tuple[str, bool]:
 
 
 async def _upstream(request: web.Request, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-    cfg: Config = request.app["config"]
+    cfg: Config = request.app[CONFIG]
     if not cfg.ztf.mountain_ip or not cfg.ztf.mountain_port:
         raise ApiError(
             "ZTF trigger service not configured (ztf.mountain_ip, ztf.mountain_port)", 503
@@ -121,8 +60,9 @@ async def _upstream(request: web.Request, method: str, path: str, **kwargs: Any)
 async def trigger_put(request: web.Request) -> web.Response:
     """PUT /api/triggers/{ztf|ztfmma}[.test]: submit a queue / MMA trigger."""
     kind, test = _kind(request)
-    path, key, validate = KINDS[kind]
-    body = validate(await read_body(request))
+    path, key, model = KINDS[kind]
+    body = await read_body(request)
+    parse(model, body)  # validated; forwarded as sent
     if test:
         return success("submitted", {})
     status, data = await _upstream(request, "PUT", path, json=body)
@@ -158,14 +98,11 @@ async def trigger_delete(request: web.Request) -> web.Response:
     """DELETE /api/triggers/{ztf|ztfmma}[.test]: body {queue_name|trigger_name, user}."""
     kind, test = _kind(request)
     path, key, _ = KINDS[kind]
-    body = await read_body(request)
-    _text(body, key)
-    _text(body, "user")
+    given = parse(TriggerDelete, await read_body(request))
+    body = {key: text(getattr(given, key), key), "user": text(given.user, "user")}
     if test:
         return success("deleted", {})
-    status, data = await _upstream(
-        request, "DELETE", path, json={key: body[key], "user": body["user"]}
-    )
+    status, data = await _upstream(request, "DELETE", path, json=body)
     if status not in (200, 204):
         raise ApiError(f"ZTF trigger service answered {status}: {data}", 502)
     return success("deleted", data if isinstance(data, dict) else {})

@@ -30,14 +30,14 @@ import fastavro
 from ingester.decode import decode_packet
 from ingester.ml import load_models, score_batch
 from ingester.pipeline import BatchReport, Packet, Pipeline
-from kowalski.catalogs.ingest import Columns, frame_chunks, ingest_chunks
-from kowalski.catalogs.synthetic import generate
 from kowalski.config import CONFIGURED, ROOT, Config, build_config, user_files
 from kowalski.connectivity import one_line_errors, require_database
 from kowalski.db import async_client, sync_client
-from kowalski.services._process import free_port
-from kowalski.services.mongo import EmbeddedMongo
 from kowalski.surveys import SURVEYS
+from kowalski.testing.mongo import EmbeddedMongo
+from kowalski.testing.process import free_port
+from ops.catalogs.ingest import Columns, frame_chunks, ingest_chunks
+from ops.catalogs.synthetic import generate
 
 PACKETS = sorted((ROOT / "data" / "ztf_alerts").rglob("*.avro"))
 DB_STAGES = ("dedup", "aux", "store", "filters")

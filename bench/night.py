@@ -42,9 +42,9 @@ from ingester.consumer import Ingester, start_cluster
 from kowalski import monitoring
 from kowalski.config import ROOT, Config, build_config
 from kowalski.db import sync_client
-from kowalski.services._process import free_port
-from kowalski.services.kafka import LocalKafka
-from kowalski.services.mongo import EmbeddedMongo
+from kowalski.testing.kafka import LocalKafka
+from kowalski.testing.mongo import EmbeddedMongo
+from kowalski.testing.process import free_port
 
 Doc = dict[str, Any]
 MODE_DEADLINE_S = 3600.0

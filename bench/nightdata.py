@@ -35,12 +35,11 @@ from ingester import xmatch
 from ingester.archive import handoffs_collection
 from ingester.decode import decode_packet, writer_schema
 from ingester.mongify import split_alert
-from ingester.replay import night
-from kowalski.catalogs.ingest import Columns, frame_chunks, ingest_chunks
-from kowalski.catalogs.synthetic import generate
 from kowalski.config import ROOT, Config
 from kowalski.db import async_client, sync_client
 from kowalski.surveys import SURVEYS
+from ops.catalogs.ingest import Columns, frame_chunks, ingest_chunks
+from ops.catalogs.synthetic import generate
 
 Doc = dict[str, Any]
 ZTF = SURVEYS["ZTF"]
@@ -202,7 +201,7 @@ def build_night(spec: NightSpec) -> Night:
     for number, (jd, obj) in enumerate(timed):
         candid = CANDID_BASE + spec.seed * 10**9 + number
         record = night_record(bases[obj.base], obj, candid, jd)
-        topic = ZTF.nightly_topic(night(jd), record["candidate"])
+        topic = ZTF.topic(record)
         packet = encoder.encode(schemas[obj.base], record)
         alerts.append(NightAlert(candid, obj.object_id, jd, topic, packet))
     return Night(spec, alerts, objects)

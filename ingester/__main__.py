@@ -17,8 +17,8 @@ from typing import Any
 
 from ingester.consumer import Ingester, enabled_surveys, start_cluster
 from kowalski.config import load_config_or_exit
-from kowalski.services.kafka import broker_ready
 from kowalski.surveys import SURVEYS
+from kowalski.testing.kafka import broker_ready
 
 
 def failed_filters(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ failed) is matched with the object's next alert; a failed query is never stored 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -87,20 +88,32 @@ async def mark_completed(
         await insert_ignoring_duplicates(ledger, docs)
 
 
-def group_by_object(survey: Survey, parts: Sequence[Parts]) -> dict[str, list[Parts]]:
-    groups: dict[str, list[Parts]] = defaultdict(list)
+def group_by_object(survey: Survey, parts: Sequence[Parts]) -> dict[Any, list[Parts]]:
+    """Parts per object id, as stored (a string for ZTF, an integer diaObjectId for LSST), so
+    that the aux `_id` equals the alerts' object key (filters `$lookup` on it)."""
+    groups: dict[Any, list[Parts]] = defaultdict(list)
     for part in parts:
-        groups[str(part.alert[survey.object_key])].append(part)
+        groups[part.alert[survey.object_key]].append(part)
     return groups
 
 
-def _new_history(group: list[Parts]) -> tuple[list[Doc], list[Doc]]:
+def _new_history(survey: Survey, group: list[Parts]) -> tuple[list[Doc], list[Doc]]:
     prv: list[Doc] = []
     fp: list[Doc] = []
     for part in sorted(group, key=lambda p: p.alert["candidate"]["jd"]):
-        prv = merge_prv_candidates(prv, part.prv_candidates)
+        prv = merge_prv_candidates(prv, part.prv_candidates, survey.history_key)
         fp = merge_fp_hists(fp, part.fp_hists)
     return prv, fp
+
+
+def _latest_fields(group: list[Parts], stored: Doc | None) -> Doc:
+    """The aux fields the group's most recent alert sets (LSST: diaObject), with `latest_jd`;
+    empty when the stored document already holds fields of a later alert (order-independent)."""
+    newest = max(group, key=lambda p: p.alert["candidate"]["jd"])
+    jd = newest.alert["candidate"]["jd"]
+    if not newest.latest or (stored or {}).get("latest_jd", -math.inf) > jd:
+        return {}
+    return {**newest.latest, "latest_jd": jd}
 
 
 async def store_aux(
@@ -139,7 +152,9 @@ async def store_aux(
             *(
                 _bounded(
                     semaphore,
-                    _write_object(aux, oid, group, stored.get(oid), matches.get(oid), counts),
+                    _write_object(
+                        aux, survey, oid, group, stored.get(oid), matches.get(oid), counts
+                    ),
                 )
                 for oid, group in pending.items()
             )
@@ -155,20 +170,23 @@ async def _bounded(semaphore: asyncio.Semaphore, write: Awaitable[bool]) -> bool
 
 async def _write_object(
     aux: AsyncCollection[Doc],
-    oid: str,
+    survey: Survey,
+    oid: Any,
     group: list[Parts],
     stored: Doc | None,
     new_matches: dict[str, list[Doc]] | None,
     counts: dict[str, int],
 ) -> bool:
     """One object's aux write; False when another writer got there first (caller retries)."""
-    prv, fp = _new_history(group)
+    prv, fp = _new_history(survey, group)
+    latest = _latest_fields(group, stored)
     if stored is None:
         doc: Doc = {
             "_id": oid,
             "_rev": 1,
             "prv_candidates": prv,
             "cross_matches": new_matches or {},
+            **latest,
         }
         first = min(group, key=lambda p: p.alert["candidate"]["jd"]).alert["candidate"]
         if fp and keep_fp_hists_for_new_object(first):
@@ -179,7 +197,12 @@ async def _write_object(
             return False
         counts["new_objects"] += 1
         return True
-    update: Doc = {"prv_candidates": merge_prv_candidates(stored.get("prv_candidates", []), prv)}
+    update: Doc = {
+        "prv_candidates": merge_prv_candidates(
+            stored.get("prv_candidates", []), prv, survey.history_key
+        ),
+        **latest,
+    }
     if "fp_hists" in stored and fp:
         update["fp_hists"] = merge_fp_hists(stored["fp_hists"], fp)
     if new_matches:

@@ -10,6 +10,8 @@ batches to the workers, commit offsets only after a batch is stored.
   group rebalanced meanwhile) is given up: the batch is re-delivered and recognised as done.
 - A restart resumes at the committed offsets; re-delivered alerts are harmless: completed ones
   are skipped (the `handoffs` ledger), a batch cut short is redone (see `ingester.pipeline`).
+- A batch that returns results-stream records (filters with `stream` on) commits its offsets in
+  the Kafka transaction that produces them (`ingester.publisher`): exactly once.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from distributed import Client, Future, WorkerPlugin, get_worker
 
 from ingester.archive import prepare_database
 from ingester.pipeline import BatchReport, Handoff, Packet, Pipeline, no_handoff
+from ingester.publisher import Publisher
+from ingester.results import prepare_outbox
 from kowalski.config import Config
 from kowalski.surveys import SURVEYS, survey_for_topic
 
@@ -142,7 +146,7 @@ def process_packets(runtime: str, survey: str, packets: list[Packet]) -> BatchRe
 class Batch:
     survey: str
     packets: list[Packet]
-    future: Future
+    future: Future[BatchReport]
     attempts: int = 1
 
     def offsets(self) -> list[TopicPartition]:
@@ -184,6 +188,11 @@ class Ingester:
         self.assigned: set[tuple[str, int]] = set()
         self.consumer.subscribe(self.patterns, on_assign=self._on_assign, on_revoke=self._on_revoke)
         prepare_database(self.cfg, self.surveys)
+        prepare_outbox(self.cfg)
+        self.publisher = Publisher(
+            self.cfg, self.bootstrap_servers, self.consumer, self.group or self.cfg.kafka.group
+        )
+        self.publisher.start()
         plugin = IngesterPlugin(self.cfg, self.handoff)
         self.runtime = plugin.name
         self.client.register_plugin(plugin, name=plugin.name)
@@ -223,7 +232,12 @@ class Ingester:
                 )
                 head.attempts += 1
                 continue
-            self.commit(head)
+            if result.messages:
+                if not self.publisher.publish(result.messages, head.offsets(), self.assigned):
+                    self.in_flight.popleft()  # re-delivered to the partitions' new owner
+                    continue
+            else:
+                self.commit(head)
             self.committed += len(head.packets)
             self.report.add(result)
             self.in_flight.popleft()
@@ -257,11 +271,12 @@ class Ingester:
         )
         by_survey: dict[str, list[Packet]] = {}
         for msg in messages:
-            if msg.error():
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("kafka: %s", msg.error())
+            error = msg.error()
+            if error:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("kafka: %s", error)
                 continue
-            packet = Packet(msg.topic(), msg.partition(), msg.offset(), msg.value())
+            packet = _packet(msg)
             by_survey.setdefault(
                 survey_for_topic(packet.topic, self.cfg.kafka.topics).name, []
             ).append(packet)
@@ -294,7 +309,15 @@ class Ingester:
             self.drain()
         finally:
             self.consumer.close()
+            self.publisher.close()
         return self.report
+
+
+def _packet(msg: Message) -> Packet:
+    """A consumed message that is not an error (those always carry topic, partition, offset)."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return Packet(topic, partition, offset, msg.value() or b"")
 
 
 def start_cluster(cfg: Config, processes: bool = True) -> Client:

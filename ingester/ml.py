@@ -28,7 +28,7 @@ TRIPLET_CHANNELS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
 
 def stamp_array(cutout: Any) -> np.ndarray:
     """One normalised 63x63 stamp from a stored/decoded cutout (dict with stampData, or bytes)."""
-    raw = cutout.get("stampData") if isinstance(cutout, dict) else cutout
+    raw: Any = cutout.get("stampData") if isinstance(cutout, dict) else cutout
     img = np.nan_to_num(np.asarray(read_stamp(bytes(raw)), dtype=np.float64))
     norm = np.linalg.norm(img)
     if norm > 0:

@@ -26,6 +26,8 @@ class Parts:
     alert: dict[str, Any]  # ZTF_alerts document (cutouts kept, history removed)
     prv_candidates: list[dict[str, Any]]  # history carried by the packet + this detection
     fp_hists: list[dict[str, Any]] = field(default_factory=list)
+    # aux fields that the object's most recent alert sets (LSST: the latest diaObject)
+    latest: dict[str, Any] = field(default_factory=dict)
 
     @property
     def candid(self) -> int:
@@ -97,18 +99,26 @@ def keep_fp_hists_for_new_object(candidate: dict[str, Any]) -> bool:
     return ndethist <= 1 or (start is not None and candidate["jd"] - start < 30)
 
 
-def history_key(point: dict[str, Any]) -> tuple[Any, ...]:
-    """Identity of a history point; non-detections have no candid, so jd + fid decide."""
-    return (point.get("jd"), point.get("fid"), point.get("candid"))
+ZTF_HISTORY_KEY = ("jd", "fid", "candid")
+
+
+def history_key(
+    point: dict[str, Any], fields: tuple[str, ...] = ZTF_HISTORY_KEY
+) -> tuple[Any, ...]:
+    """Identity of a history point (the survey's `history_key` fields); ZTF non-detections have
+    no candid, so jd + fid decide; LSST points are identified by their diaSourceId."""
+    return tuple(point.get(name) for name in fields)
 
 
 def merge_prv_candidates(
-    stored: list[dict[str, Any]], new: list[dict[str, Any]]
+    stored: list[dict[str, Any]],
+    new: list[dict[str, Any]],
+    fields: tuple[str, ...] = ZTF_HISTORY_KEY,
 ) -> list[dict[str, Any]]:
-    """Union keyed by (jd, fid, candid), field values merged, sorted by jd: idempotent."""
+    """Union keyed by `fields`, field values merged, sorted by jd: idempotent."""
     merged: dict[tuple[Any, ...], dict[str, Any]] = {}
     for point in [*stored, *new]:
-        key = history_key(point)
+        key = history_key(point, fields)
         merged[key] = {**merged.get(key, {}), **point}
     return sorted(merged.values(), key=lambda p: (p.get("jd") or 0.0, p.get("fid") or 0))
 

@@ -1,6 +1,8 @@
 """One batch through every stage: decode -> check -> dedup -> ML -> aux (history +
-cross-matches) -> alerts -> filters -> hand-off -> completed. Data flows forward; each stage is
-called once per batch.
+cross-matches) -> alerts -> aliases -> filters -> hand-off -> results (stream records) ->
+completed. Data flows forward; each stage is called once per batch. The report carries the
+results-stream records of all the batch's alerts back to the consumer, which publishes them with
+the batch's offsets (`ingester.results`, `ingester.publisher`).
 
 A packet that cannot be decoded, checked or prepared goes to the `dead_letters` collection with
 the reason and its raw bytes; the rest of the batch goes on. Database errors propagate: the
@@ -22,23 +24,26 @@ the score is absent).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
-import math
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, get_type_hints
 
 from bson import Binary
 from pymongo.asynchronous.database import AsyncDatabase
 
-from ingester import archive, filters, ml, xmatch
-from ingester.decode import decode_packet, writer_schema
-from ingester.mongify import Parts, split_alert
+from ingester import aliases, archive, filters, ml, shapes, xmatch
+from ingester.decode import MAGIC, decode_for, writer_schema
+from ingester.mongify import Parts
+from ingester.registry_client import registry_for_survey
+from ingester.results import ResultMessage, pending, record_passes
 from kowalski.config import Config
+from kowalski.coords import coordinates_problem
 from kowalski.surveys import Survey
 
 log = logging.getLogger("kowalski.ingester")
@@ -71,11 +76,12 @@ class BatchReport:
     xmatch_failures: int = 0
     ml_failures: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # results stream: the outbox records of the batch's alerts, published by the consumer
+    messages: list[ResultMessage] = field(default_factory=list)
 
     def add(self, other: BatchReport) -> None:
-        for item in fields(self):
-            if item.type == "int":
-                setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
+        for name in _counters(type(self)):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         for stage, seconds in other.seconds.items():
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
@@ -88,6 +94,13 @@ class BatchReport:
         finally:
             elapsed = time.perf_counter() - start
             self.seconds[stage] = self.seconds.get(stage, 0.0) + elapsed
+
+
+@functools.cache
+def _counters(report: type[BatchReport]) -> tuple[str, ...]:
+    """The report's count fields (resolved types, whether annotations are strings or not)."""
+    hints = get_type_hints(report)
+    return tuple(item.name for item in fields(report) if hints[item.name] is int)
 
 
 async def no_handoff(survey: Survey, alerts: list[Doc], passed: dict[int, list[Doc]]) -> None:
@@ -103,28 +116,31 @@ def schema_family(packet: bytes) -> str:
 
 
 def check_packet(survey: Survey, packet: bytes) -> str | None:
-    """Why a decodable packet is not an alert of `survey` (another stream's schema), or None."""
-    # each survey's writer schemas are named after its topic prefix (ztf.alert, winter.alert, …)
+    """Why a decodable packet is not an alert of `survey` (another stream's schema), or None.
+    A Confluent-framed packet has no embedded schema: its schema id chose the schema."""
+    if packet[:4] != MAGIC:
+        return None
+    # writer schemas are named by the survey's family (ztf.alert, winter.alert, lsst.v7_1.alert)
     family = schema_family(packet)
-    if family != survey.topic_prefix:
+    if family != survey.schema_family:
         return f"check: schema {family!r} is not a {survey.name} alert schema"
     return None
 
 
 def check_record(survey: Survey, record: Doc) -> str | None:
-    """Why a decoded alert cannot be archived (would poison the batch), or None."""
+    """Why a decoded alert cannot be archived (would poison the batch), or None. Surveys whose
+    records are not ZTF-like (LSST) have their own check (ingester/shapes.py)."""
+    own = shapes.record_check(survey)
+    if own is not None:
+        return own(record)
     if not isinstance(record.get("candid"), int):
         return "check: no integer candid"
     if not record.get(survey.object_key):
         return f"check: no {survey.object_key}"
     candidate = record.get("candidate") or {}
-    ra, dec = candidate.get("ra"), candidate.get("dec")
-    if not (isinstance(ra, int | float) and isinstance(dec, int | float)):
-        return f"check: no coordinates (ra={ra}, dec={dec})"
-    if not (math.isfinite(ra) and math.isfinite(dec)):
-        return f"check: coordinates not finite (ra={ra}, dec={dec})"
-    if not (0.0 <= ra <= 360.0 and -90.0 <= dec <= 90.0):
-        return f"check: coordinates out of range (ra={ra}, dec={dec})"
+    problem = coordinates_problem(candidate.get("ra"), candidate.get("dec"))
+    if problem:
+        return f"check: {problem}"
     missing = sorted(k for k, v in record.items() if k.lower().startswith("cutout") and v is None)
     if missing:
         return f"check: missing cutouts {missing}"
@@ -172,10 +188,11 @@ class Pipeline:
         self, survey: Survey, packets: Sequence[Packet], report: BatchReport
     ) -> list[tuple[Packet, Doc]]:
         decoded: list[tuple[Packet, Doc]] = []
+        schemas = registry_for_survey(self.cfg, survey)
         for packet in packets:
             records: list[Doc] = []
             try:
-                records = decode_packet(packet.value)
+                records = decode_for(survey, packet.value, schemas)
                 reason = check_packet(survey, packet.value)
             except Exception as exc:
                 reason = f"decode: {exc}"
@@ -194,16 +211,17 @@ class Pipeline:
         """Alerts not completed before, once each (a batch cut short is redone in full). A ledger
         record whose alert is no longer stored (collection dropped, re-seeded) does not count."""
         ledger = self.db[archive.handoffs_collection(self.cfg)]
-        done = await archive.completed_candids(ledger, survey, [r["candid"] for _, r in decoded])
+        ids = [shapes.detection_id(survey, r) for _, r in decoded]
+        done = await archive.completed_candids(ledger, survey, ids)
         if done:
             alerts = self.db[survey.alerts_collection(self.cfg)]
             done &= await archive.existing_candids(alerts, list(done))
         fresh: dict[int, tuple[Packet, Doc]] = {}
-        for packet, record in decoded:
-            if record["candid"] in done or record["candid"] in fresh:
+        for candid, (packet, record) in zip(ids, decoded, strict=True):
+            if candid in done or candid in fresh:
                 report.duplicates += 1
             else:
-                fresh[record["candid"]] = (packet, record)
+                fresh[candid] = (packet, record)
         return fresh
 
     async def prepare(
@@ -221,7 +239,7 @@ class Pipeline:
                 fresh.values(), scores.classifications, strict=True
             ):
                 try:
-                    part = split_alert(survey, record)
+                    part = shapes.split(survey, record)
                 except Exception as exc:
                     await self.dead_letter(
                         packet,
@@ -253,6 +271,8 @@ class Pipeline:
         with report.timed("store"):
             alerts = self.db[survey.alerts_collection(self.cfg)]
             report.stored = await archive.insert_alerts(alerts, [p.alert for p in parts])
+        with report.timed("aliases"):
+            await aliases.link(self.db, self.cfg, survey, [p.alert for p in parts])
 
     async def filter(
         self, survey: Survey, parts: list[Parts], report: BatchReport
@@ -272,9 +292,12 @@ class Pipeline:
     async def complete(
         self, survey: Survey, parts: list[Parts], passed: dict[int, list[Doc]], report: BatchReport
     ) -> None:
-        """Hand off, then record every alert of the batch as done."""
+        """Hand off, build the results-stream records, then record every alert as done."""
         with report.timed("handoff"):
             await self.handoff(survey, [p.alert for p in parts], passed)
+        with report.timed("results"):
+            await record_passes(self.db, self.cfg, survey, [p.alert for p in parts], passed)
+        with report.timed("handoff"):
             ledger = self.db[archive.handoffs_collection(self.cfg)]
             await archive.mark_completed(ledger, survey, [p.candid for p in parts], passed, now())
 
@@ -285,10 +308,12 @@ class Pipeline:
         report.alerts = len(decoded)
         with report.timed("dedup"):
             fresh = await self.dedup(survey, decoded, report)
-        if not fresh:
-            return report
-        parts = await self.prepare(survey, fresh, report)
-        await self.store(survey, parts, report)
-        passed = await self.filter(survey, parts, report)
-        await self.complete(survey, parts, passed, report)
+        if fresh:
+            parts = await self.prepare(survey, fresh, report)
+            await self.store(survey, parts, report)
+            passed = await self.filter(survey, parts, report)
+            await self.complete(survey, parts, passed, report)
+        with report.timed("results"):  # new or completed before: a re-delivered batch publishes
+            candids = [shapes.detection_id(survey, r) for _, r in decoded]
+            report.messages = await pending(self.db, self.cfg, survey, candids)
         return report

@@ -1,5 +1,7 @@
-"""Produce real alert packets (e.g. the bundled `data/` night) to their nightly Kafka topics:
-`ztf_<YYYYMMDD>_programid<N>`, `pgir_<date>`, `winter_<date>`, `turbo_<date>`.
+"""Produce real alert packets (e.g. the bundled `data/` night) to their survey's Kafka topics:
+`ztf_<YYYYMMDD>_programid<N>`, `pgir_<date>`, `winter_<date>`, `turbo_<date>`, `decam_<date>`,
+and `lsst-alerts-v<major>` for Rubin, whose packets are produced Confluent-framed as Rubin sends
+them (records of Avro container files are re-framed one per message with their schema id).
 
     python -m ingester.replay [FILE_OR_DIRECTORY ...] [--suffix _test]
 
@@ -9,29 +11,44 @@ produces the given `.avro` packets (default: the bundled alerts) to the Kafka th
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import io
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, cast
 
+import fastavro
 from confluent_kafka import Producer
 from tqdm import tqdm
 
-from ingester.decode import decode_packet
+from ingester.decode import MAGIC, decode_for, frame_confluent
+from ingester.registry_client import registry_for, schema_id_of
+from ingester.shapes import split
 from kowalski.config import ROOT, Config
 from kowalski.surveys import SURVEYS, Survey, UnknownSurvey, bundled_packets, survey_of_path
 
-JD_UNIX_EPOCH = 2440587.5
-
-
-def night(jd: float) -> str:
-    return (dt.datetime(1970, 1, 1) + dt.timedelta(days=jd - JD_UNIX_EPOCH)).strftime("%Y%m%d")
-
 
 def topic_for(packet: bytes, survey: Survey, suffix: str = "") -> str:
-    """The nightly topic a packet belongs to, from its own candidate (jd, programid)."""
-    candidate = decode_packet(packet)[0]["candidate"]
-    return survey.nightly_topic(night(candidate["jd"]), candidate) + suffix
+    """The topic a packet belongs to, from its own alert (night of jd, programid, version)."""
+    schemas = (
+        registry_for(None, ROOT / "data" / survey.schema_folder) if survey.schema_folder else None
+    )
+    record = decode_for(survey, packet, schemas)[0]
+    return survey.topic(split(survey, record).alert) + suffix
+
+
+def messages_of(packet: bytes, survey: Survey) -> list[bytes]:
+    """What the survey's stream carries for a packet file: the bytes unchanged, or for a
+    Confluent-framed survey each record of a container file framed with its schema id."""
+    if survey.framing != "confluent" or packet[:4] != MAGIC:
+        return [packet]
+    reader = fastavro.reader(io.BytesIO(packet))
+    schema = reader.writer_schema
+    assert isinstance(schema, dict)  # an alert container's schema is a record
+    schema_id = schema_id_of(f"{schema.get('namespace')}.{schema['name']}")
+    parsed = fastavro.parse_schema(schema)
+    # fastavro types each datum as any Avro value: those of a record schema are dicts
+    return [frame_confluent(schema_id, cast(dict[str, Any], r), parsed) for r in reader]
 
 
 def alert_files(paths: Iterable[Path]) -> list[Path]:
@@ -49,17 +66,18 @@ def replay(
     progress: bool = True,
     survey: Survey | None = None,
 ) -> dict[str, int]:
-    """Produce every file's bytes unchanged; returns packets per topic. The survey of each file is
-    `survey`, else the one whose data folder it lies in."""
+    """Produce every file's messages (see messages_of); returns messages per topic. The survey of
+    each file is `survey`, else the one whose data folder it lies in."""
     producer = Producer({"bootstrap.servers": bootstrap_servers, "message.max.bytes": 10_485_760})
     counts: dict[str, int] = {}
     paths = sorted(files)
     for path in tqdm(paths, desc="replaying alerts", unit="alert", disable=not progress):
-        packet = path.read_bytes()
-        topic = topic_for(packet, survey or survey_of_path(path), suffix)
-        producer.produce(topic, packet)
-        counts[topic] = counts.get(topic, 0) + 1
-        producer.poll(0)
+        of = survey or survey_of_path(path)
+        for message in messages_of(path.read_bytes(), of):
+            topic = topic_for(message, of, suffix)
+            producer.produce(topic, message)
+            counts[topic] = counts.get(topic, 0) + 1
+            producer.poll(0)
     remaining = producer.flush(60)
     if remaining:
         raise RuntimeError(f"{remaining} packets were not delivered to Kafka")

@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kowalski.instance import read_instance, state_path
 
@@ -81,6 +90,17 @@ class ZTFMountain(_Strict):
     mountain_bind_port: int = 9999
 
 
+class ResultsStream(_Strict):
+    """Publishing filter passes to Kafka (see README, "Results stream")."""
+
+    enabled: bool = True
+    compression: Literal["zstd", "lz4", "gzip", "snappy", "none"] = "zstd"
+    # exactly once with Kafka transactions; false (or a broker without them): at least once
+    transactions: bool = True
+    # stable per ingester instance; default kowalski-results-<group>-<hostname>
+    transactional_id: str | None = None
+
+
 class Kafka(_Strict):
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         alias="default.topic.config.auto.offset.reset"
@@ -92,12 +112,49 @@ class Kafka(_Strict):
     scala_version: str
     processes_per_topic: dict[str, int]
     topics: dict[str, str]
+    results_topic: str = "kowalski_filter_{filter_id}"
+    results: ResultsStream = ResultsStream()
+
+    @field_validator("results_topic")
+    @classmethod
+    def _results_topic(cls, value: str) -> str:
+        try:
+            names = {value.format(filter_id=f, survey=s) for f in (1, 2) for s in ("a", "b")}
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"only {{filter_id}} and {{survey}} may be substituted ({exc})"
+            ) from None
+        if len(names) == 1:
+            raise ValueError("must contain {filter_id} (a topic per filter) or {survey}")
+        return value
+
+    # Confluent schema registry for Confluent-framed streams (LSST); null: bundled schemas only
+    schema_registry_url: str | None = None
+    schema_registry_timeout_s: float = Field(default=5.0, gt=0)
 
 
 class IndexSpec(_Strict):
     name: str
     fields: list[tuple[str, int | str]]
     unique: bool = False
+
+
+# the upstream filter stages the code fills at run time, by name, and the operator each must be
+FILTER_MATCH = "match"
+FILTER_HISTORY = "history"
+FILTER_STAGE_OPERATORS = {FILTER_MATCH: "$match", FILTER_HISTORY: "$project"}
+
+
+class Aliases(_Strict):
+    """Cross-survey aliases: objects of paired surveys within `radius_arcsec` are linked."""
+
+    radius_arcsec: float = Field(default=1.5, gt=0)
+    pairs: list[tuple[str, str]] = []
+
+    def partners(self, survey: str) -> list[str]:
+        """The surveys whose objects `survey`'s objects are linked to."""
+        out = [b if a == survey else a for a, b in self.pairs if survey in (a, b)]
+        return sorted(set(out) - {survey})
 
 
 class Database(_Strict):
@@ -118,6 +175,27 @@ class Database(_Strict):
     indexes: dict[str, list[IndexSpec]]
     filters: dict[str, list[dict[str, Any]]]
     xmatch: dict[str, dict[str, XMatchCatalog]]
+    aliases: Aliases = Aliases()
+    _filter_stage_names: dict[str, list[str]] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _named_filter_stages(
+        cls, data: Any, handler: ModelWrapValidatorHandler[Database]
+    ) -> Database:
+        """`filters` is configured per collection as an ordered mapping name -> stage; the model
+        keeps the stage list (the pipeline) and the names, by which the code addresses stages."""
+        names: dict[str, list[str]] = {}
+        if isinstance(data, dict) and isinstance(data.get("filters"), dict):
+            data = dict(data)
+            data["filters"], names = _split_named_stages(data["filters"])
+        model = handler(data)
+        model._filter_stage_names = names or model._filter_stage_names
+        return model
+
+    def filter_stage_index(self, catalog: str, name: str) -> int:
+        """Position of the upstream filter stage `name` of `catalog` in its pipeline."""
+        return self._filter_stage_names[catalog].index(name)
 
     @field_validator("collections")
     @classmethod
@@ -126,6 +204,28 @@ class Database(_Strict):
         if missing:
             raise ValueError(f"missing required collections: {sorted(missing)}")
         return value
+
+
+def _split_named_stages(
+    filters: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Per collection: `{name: stage, ...}` -> (the stage list, the names). Each collection must
+    name its `match` stage (a `$match`) and its `history` stage (a `$project`)."""
+    stages: dict[str, Any] = {}
+    names: dict[str, list[str]] = {}
+    for catalog, named in filters.items():
+        if not isinstance(named, dict):
+            raise ValueError(
+                f"filters.{catalog}: name the stages (a mapping name -> stage), "
+                f"with {sorted(FILTER_STAGE_OPERATORS)}"
+            )
+        for name, operator in FILTER_STAGE_OPERATORS.items():
+            stage = named.get(name)
+            if not isinstance(stage, dict) or operator not in stage:
+                raise ValueError(f"filters.{catalog}.{name} must be a {operator} stage")
+        stages[catalog] = list(named.values())
+        names[catalog] = [str(name) for name in named]
+    return stages, names
 
 
 class XMatchCatalog(_Strict):
@@ -166,6 +266,8 @@ class ML(_Strict):
     PGIR: InstrumentML = InstrumentML()
     WNTR: InstrumentML = InstrumentML()
     TURBO: InstrumentML = InstrumentML()
+    LSST: InstrumentML = InstrumentML()
+    DECAM: InstrumentML = InstrumentML()
 
 
 class SkyPortal(_Strict):
@@ -225,6 +327,8 @@ class Enabled(_Strict):
     pgir: bool = False
     wntr: bool = False
     turbo: bool = False
+    lsst: bool = False
+    decam: bool = False
 
 
 class Config(_Strict):
@@ -272,7 +376,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path.name}: not valid YAML: {exc}".replace("\n", " ")) from exc
     if not isinstance(data, dict) or not isinstance(data.get("kowalski", {}), dict):
         raise ConfigError(f"{path.name}: expected a mapping under the root key 'kowalski'")
-    return data.get("kowalski", {})
+    section: dict[str, Any] = data.get("kowalski", {})
+    return section
 
 
 def _set_dotted(tree: dict[str, Any], keys: list[str], value: Any) -> None:

@@ -83,7 +83,7 @@ def require_database(cfg: Config, timeout_ms: int = 5000) -> None:
 
 def require_kafka(cfg: Config, timeout_s: float = 5.0) -> None:
     """Raise `Unreachable` unless a Kafka broker answers at the configured bootstrap servers."""
-    from kowalski.services.kafka import broker_ready
+    from kowalski.testing.kafka import broker_ready
 
     try:
         ready = broker_ready(cfg.kafka.bootstrap_servers, timeout=timeout_s)

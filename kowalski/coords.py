@@ -145,7 +145,19 @@ def great_circle_distance(ra1: Any, dec1: Any, ra2: Any, dec2: Any) -> np.ndarra
     hav = (
         np.sin((dec2 - dec1) / 2) ** 2 + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2) ** 2
     )
-    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(hav, 0.0, 1.0))))
+    distance: np.ndarray = np.degrees(2 * np.arcsin(np.sqrt(np.clip(hav, 0.0, 1.0))))
+    return distance
+
+
+def coordinates_problem(ra: Any, dec: Any) -> str | None:
+    """Why (ra, dec) is not a sky position in degrees, or None."""
+    if not (isinstance(ra, int | float) and isinstance(dec, int | float)):
+        return f"no coordinates (ra={ra}, dec={dec})"
+    if not (math.isfinite(ra) and math.isfinite(dec)):
+        return f"coordinates not finite (ra={ra}, dec={dec})"
+    if not (0.0 <= ra <= 360.0 and -90.0 <= dec <= 90.0):
+        return f"coordinates out of range (ra={ra}, dec={dec})"
+    return None
 
 
 def cone_clause(ra: float, dec: float, radius_rad: float) -> dict[str, Any]:

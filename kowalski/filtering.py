@@ -10,7 +10,7 @@ from typing import Any
 
 from bson import json_util
 
-from kowalski.config import Config
+from kowalski.config import FILTER_HISTORY, FILTER_MATCH, Config
 from kowalski.surveys import survey_for_collection
 
 # stages a user filter may not contain (upstream: $lookup/$unionWith/$out/$merge), plus JavaScript
@@ -75,11 +75,16 @@ def upstream_stages(cfg: Config, catalog: str, permissions: list[int]) -> list[d
             f"catalog {catalog} has no filter stages configured "
             f"(one of {sorted(cfg.database.filters)})"
         ) from None
-    match = stages[0]["$match"]
+    match = stage(cfg, catalog, stages, FILTER_MATCH)["$match"]
     if "candidate.programid" in match:
         match["candidate.programid"] = {"$in": list(permissions)}
-    _set_item_permissions(stages[3], permissions)
+    _set_item_permissions(stage(cfg, catalog, stages, FILTER_HISTORY), permissions)
     return stages
+
+
+def stage(cfg: Config, catalog: str, stages: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The upstream stage configured under `name` for `catalog`, in (a copy of) its pipeline."""
+    return stages[cfg.database.filter_stage_index(catalog, name)]
 
 
 def full_pipeline(
@@ -89,10 +94,10 @@ def full_pipeline(
     user_pipeline: list[dict[str, Any]],
     candids: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Upstream stages with permissions, `candid $in candids` in stage 0, then the user stages."""
+    """Upstream stages with permissions, `candid $in candids` in the match stage, then the user's."""
     stages = upstream_stages(cfg, catalog, permissions)
     if candids is not None:
-        stages[0]["$match"]["candid"] = {"$in": list(candids)}
+        stage(cfg, catalog, stages, FILTER_MATCH)["$match"]["candid"] = {"$in": list(candids)}
     return [*stages, *copy.deepcopy(user_pipeline)]
 
 
@@ -106,7 +111,7 @@ def archive_pipeline(
 ) -> list[dict[str, Any]]:
     """A filter run over archived alerts (the /test endpoint): no candid, history as of each alert."""
     stages = upstream_stages(cfg, catalog, permissions)
-    match = stages[0]["$match"]
+    match = stage(cfg, catalog, stages, FILTER_MATCH)["$match"]
     match.pop("candid", None)
     survey = survey_for_collection(cfg.database.collections, catalog)
     if object_ids:
@@ -115,5 +120,5 @@ def archive_pipeline(
         match[survey.object_key] = {"$in": list(object_ids)}
     if jd_range:
         match["candidate.jd"] = {"$gte": jd_range[0], "$lt": jd_range[1]}
-    _add_history_cutoff(stages[3])
+    _add_history_cutoff(stage(cfg, catalog, stages, FILTER_HISTORY))
     return [*stages, *copy.deepcopy(user_pipeline)]

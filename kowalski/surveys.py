@@ -8,6 +8,7 @@ plus, where its packets need one, a decoder.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,21 +21,41 @@ Orientation = Literal["flipud", "rot270_fliplr", "none"]
 CutoutNaming = Literal["camel", "snake"]
 # who may see an alert: everyone, or users holding the alert's programid
 Rights = Literal["public", "programid"]
+# how packets arrive: Avro object container files (schema embedded), or Confluent wire format
+# (byte 0, 4-byte big-endian schema id, schemaless Avro; the schema comes from a registry)
+Framing = Literal["container", "confluent"]
+# which document builder turns a decoded record into archive documents (ingester/shapes.py)
+Shape = Literal["ztf", "lsst", "decam"]
+JD_UNIX_EPOCH = 2440587.5
 
 
 @dataclass(frozen=True)
 class Survey:
-    name: str  # registry key, also the instrument key in config (ZTF, PGIR, WNTR, TURBO)
+    name: str  # registry key, also the instrument key in config (ZTF, PGIR, WNTR, TURBO, LSST)
     key: str  # lower-case key: collections `alerts_<key>`, cutout routes `/api/cutouts/<key>`
-    topic_prefix: str  # nightly topics `<prefix>_YYYYMMDD` (default subscription pattern)
+    # nightly topics `<prefix>_YYYYMMDD`; versioned ones `<prefix><schema major>` (lsst-alerts-v11)
+    topic_prefix: str
     object_key: str  # the object identifier field of an alert (objectId; objectid for WINTER)
-    detection_key: str = "candid"  # the unique detection identifier of an alert
+    # the stored field holding an alert's unique detection id (LSST: candid = the diaSourceId)
+    detection_key: str = "candid"
     fp_hists: bool = False  # the stream carries forced photometry
     topic_per_programid: bool = False  # nightly topics are split by programid (ZTF)
     cutout_naming: CutoutNaming = "camel"
     orientation: Orientation = "none"
     rights: Rights = "public"
     data_folder: str = ""  # folder of the bundled real packets under data/
+    nightly: bool = True  # topics per night (ZTF), else per schema major version (Rubin)
+    framing: Framing = "container"
+    shape: Shape = "ztf"
+    schema_folder: str = ""  # bundled writer schemas (confluent framing) under data/
+    # the fields identifying one point of an object's history (merged without duplicates by them)
+    history_key: tuple[str, ...] = ("jd", "fid", "candid")
+    # first part of the writer schemas' full names (lsst.v7_1.alert); default: the topic prefix
+    schema_name: str = ""
+
+    @property
+    def schema_family(self) -> str:
+        return self.schema_name or self.topic_prefix
 
     @property
     def alerts_key(self) -> str:
@@ -47,6 +68,8 @@ class Survey:
     @property
     def topic_pattern(self) -> str:
         """The default subscription (librdkafka regex, hence no \\d)."""
+        if not self.nightly:
+            return f"^{self.topic_prefix}[0-9]+"
         suffix = "_programid[123]" if self.topic_per_programid else ""
         return f"^{self.topic_prefix}_[0-9]{{8}}{suffix}"
 
@@ -60,9 +83,13 @@ class Survey:
     def aux_collection(self, cfg: Any) -> str:
         return str(cfg.database.collections[self.aux_key])
 
-    def nightly_topic(self, night: str, candidate: Mapping[str, Any]) -> str:
-        """The topic an alert of `night` (YYYYMMDD) is published to by the survey."""
-        name = f"{self.topic_prefix}_{night}"
+    def topic(self, alert: Mapping[str, Any]) -> str:
+        """The topic the survey publishes an alert document to: `<prefix>_YYYYMMDD` (UT night of
+        candidate.jd, `_programid<N>` for ZTF), or `<prefix><major>` from its schemavsn (LSST)."""
+        if not self.nightly:
+            return f"{self.topic_prefix}{str(alert['schemavsn']).split('.')[0]}"
+        candidate = alert["candidate"]
+        name = f"{self.topic_prefix}_{night(candidate['jd'])}"
         if self.topic_per_programid:
             name += f"_programid{candidate['programid']}"
         return name
@@ -74,6 +101,11 @@ class Survey:
     @property
     def programid_rights(self) -> bool:
         return self.rights == "programid"
+
+
+def night(jd: float) -> str:
+    """The UT date (YYYYMMDD) of a Julian date."""
+    return (dt.datetime(1970, 1, 1) + dt.timedelta(days=jd - JD_UNIX_EPOCH)).strftime("%Y%m%d")
 
 
 SURVEYS: dict[str, Survey] = {
@@ -113,6 +145,30 @@ SURVEYS: dict[str, Survey] = {
             "objectId",
             orientation="flipud",
             data_folder="other_alerts/turbo_alerts",
+        ),
+        Survey(
+            "LSST",
+            "lsst",
+            "lsst-alerts-v",
+            "objectId",  # the diaObjectId (ssObjectId for solar-system sources without one)
+            fp_hists=True,
+            data_folder="lsst_alerts",
+            nightly=False,
+            framing="confluent",
+            shape="lsst",
+            schema_folder="schemas/lsst",
+            history_key=("diaSourceId",),
+            schema_name="lsst",
+        ),
+        Survey(
+            "DECAM",
+            "decam",
+            "decam",
+            "objectId",
+            fp_hists=True,
+            data_folder="decam_alerts",
+            shape="decam",
+            schema_name="desirt",
         ),
     )
 }

@@ -13,14 +13,15 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient
 
 from kowalski.config import ROOT, Config, build_config
-from kowalski.services._process import free_port
-from kowalski.services.kafka import LocalKafka
-from kowalski.services.mongo import EmbeddedMongo
+from kowalski.testing.kafka import LocalKafka
+from kowalski.testing.mongo import EmbeddedMongo
+from kowalski.testing.process import free_port
 
 KOWALSKI = [sys.executable, str(ROOT / "kowalski.py")]
 DATA = ROOT / "data"
@@ -87,8 +88,8 @@ def cfg(test_environ: dict[str, str]) -> Config:
 
 
 @pytest.fixture
-async def mongo(cfg: Config, mongo_uri: str) -> AsyncIterator[AsyncMongoClient]:
-    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
+async def mongo(cfg: Config, mongo_uri: str) -> AsyncIterator[AsyncMongoClient[dict[str, Any]]]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
     try:
         yield client
     finally:
@@ -122,3 +123,36 @@ def clean_env(**extra: str) -> dict[str, str]:
         if not k.startswith(("KOWALSKI", "MONGODB_URI", "KAFKA_BOOTSTRAP"))
     }
     return {**base, **extra}
+
+
+def found(doc: dict[str, Any] | None) -> dict[str, Any]:
+    """A document a test expects to be there (find_one's None fails the test here)."""
+    assert doc is not None, "document not found"
+    return doc
+
+
+# ------------------------------------------------------------------ the API, in-process
+# (tests/apiclient.py; modules that need gunicorn bind apiclient.gunicorn_api/gunicorn_users)
+
+
+@pytest.fixture(scope="module")
+def api_cfg(test_environ: dict[str, str]) -> Config:
+    """A database of the module's own with the bundled ZTF alerts (ingested before the loop runs)."""
+    from .apiclient import ingested_config
+
+    return ingested_config(test_environ, "app")[0]
+
+
+@pytest.fixture(scope="module")
+async def api(api_cfg: Config, mongo_uri: str) -> AsyncIterator[Any]:
+    from .apiclient import app_api
+
+    async for served in app_api(api_cfg, mongo_uri):
+        yield served
+
+
+@pytest.fixture(scope="module")
+async def users(api: Any) -> dict[str, str]:
+    from .apiclient import app_users
+
+    return await app_users(api)

@@ -7,11 +7,10 @@ from typing import Any
 
 import requests
 
-from . import test_api
-from .test_api import Api
+from .apiclient import Api, gunicorn_api, gunicorn_users
 
-api = test_api.api  # the module's API server and user tokens (fixtures)
-users = test_api.users
+api = gunicorn_api  # the module's API server and user tokens (fixtures)
+users = gunicorn_users
 
 PIPELINE = [{"$match": {"candidate.drb": {"$gt": 0.5}}}, {"$project": {"_id": 0, "objectId": 1}}]
 CLASH = (

@@ -13,7 +13,7 @@ import yaml
 
 from kowalski.config import ROOT, ConfigError, build_config, deep_merge, env_overrides
 from kowalski.instance import LocalInstance, state_path, write_instance
-from kowalski.services._process import free_port
+from kowalski.testing.process import free_port
 
 from .conftest import DATA, KOWALSKI, clean_env, run, run_cli
 
@@ -190,7 +190,7 @@ def test_with_nothing_running_each_command_is_one_clear_line(tmp_path: Path) -> 
         [
             python,
             "-m",
-            "kowalski.catalogs",
+            "ops.catalogs",
             "ingest",
             vlass,
             "--collection",
@@ -200,7 +200,7 @@ def test_with_nothing_running_each_command_is_one_clear_line(tmp_path: Path) -> 
             "--dec",
             "DEC",
         ],
-        [python, "-m", "kowalski.catalogs", "synthetic", "--collection", "S", "--density", "10"],
+        [python, "-m", "ops.catalogs", "synthetic", "--collection", "S", "--density", "10"],
     ):
         assert_one_line(run(*command, env=env, timeout=120), *database)
     assert_one_line(

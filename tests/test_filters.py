@@ -21,7 +21,7 @@ from .conftest import ZTF_ALERTS
 
 
 async def test_filters_autosave_followup_and_handoff(
-    test_environ: dict[str, str], mongo: AsyncMongoClient
+    test_environ: dict[str, str], mongo: AsyncMongoClient[dict[str, Any]]
 ) -> None:
     cfg = build_config(
         [], {**test_environ, "KOWALSKI__database__db": f"filters_{uuid.uuid4().hex[:8]}"}
@@ -129,7 +129,7 @@ async def test_a_filter_failing_on_one_alert_is_split_down_and_only_that_alert_f
     db_name = f"filters_{uuid.uuid4().hex[:8]}"
     environ = {**test_environ, "KOWALSKI__database__db": db_name}
     cfg = build_config([], environ)
-    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
     db = client[cfg.database.db]
     files = sorted((ZTF_ALERTS / "20200202").glob("*.avro"))
     packets = [Packet("t", 0, i, f.read_bytes()) for i, f in enumerate(files)]

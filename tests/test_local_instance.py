@@ -23,13 +23,22 @@ from pymongo import MongoClient
 
 from kowalski.config import ROOT
 from kowalski.instance import LocalInstance, read_instance, state_path
-from kowalski.services._process import free_port
+from kowalski.testing.process import free_port
 
 from .conftest import DATA, KOWALSKI, clean_env, run, run_cli
 
 pytestmark = pytest.mark.timeout(900)  # starting the instance, seeding and the bench take minutes
 README = ROOT / "README.md"
-BUNDLED_NIGHT = {"ZTF_alerts": 38, "PGIR_alerts": 17, "WNTR_alerts": 11, "TURBO_alerts": 11}
+# alerts per collection after `up --local` replays the bundled packets (LSST: 15 Confluent-framed
+# messages, 14 distinct diaSources)
+BUNDLED_NIGHT = {
+    "ZTF_alerts": 38,
+    "PGIR_alerts": 17,
+    "WNTR_alerts": 11,
+    "TURBO_alerts": 11,
+    "LSST_alerts": 14,
+    "DECAM_alerts": 1,
+}
 
 
 @dataclass
@@ -95,6 +104,7 @@ def local(
     port = free_port()
     anchored = {"ZTF": "^ztf_[0-9]{8}_programid[123]$", "PGIR": "^pgir_[0-9]{8}$"}
     anchored |= {"WNTR": "^winter_[0-9]{8}$", "TURBO": "^turbo_[0-9]{8}$"}
+    anchored |= {"LSST": "^lsst-alerts-v[0-9]+$", "DECAM": "^decam_[0-9]{8}$"}
     settings = {
         "server": {"port": port, "processes": 1},
         "local": {
@@ -165,7 +175,7 @@ def test_up_local_ingests_the_bundled_night_and_serves_it(local: Local) -> None:
 
 def test_catalog_commands_use_the_local_instance(local: Local) -> None:
     vlass = DATA / "catalogs" / "CIRADA_VLASS1QL_table1_components_v1_head100.csv"
-    python = [sys.executable, "-m", "kowalski.catalogs"]
+    python = [sys.executable, "-m", "ops.catalogs"]
     ingest = [*python, "ingest", str(vlass), "--collection", "VLASS_cli", "--ra", "RA"]
     ingest += ["--dec", "DEC", "--id", "Component_name"]
     synthetic = [*python, "synthetic", "--collection", "synthetic_cli", "--density", "100"]
@@ -174,7 +184,7 @@ def test_catalog_commands_use_the_local_instance(local: Local) -> None:
         result = run(*command, env=local.env)
         assert result.returncode == 0, result.stdout + result.stderr
         assert " read " in result.stdout and ", rejected 0" in result.stdout
-    with MongoClient(local.state.mongodb_uri) as client:
+    with MongoClient[dict[str, Any]](local.state.mongodb_uri) as client:
         db = client["kowalski"]
         assert db.VLASS_cli.count_documents({}) == pd.read_csv(vlass).Component_name.nunique()
         assert db.synthetic_cli.count_documents({"synthetic": True}) > 50

@@ -27,11 +27,10 @@ from cdshealpix import nested
 
 from kowalski.config import ROOT
 
-from . import test_api
-from .test_api import Api, decoded_alerts, loads
+from .apiclient import Api, decoded_alerts, gunicorn_api, gunicorn_users, loads
 
-api = test_api.api  # the module's API server and user tokens (fixtures)
-users = test_api.users
+api = gunicorn_api  # the module's API server and user tokens (fixtures)
+users = gunicorn_users
 
 SKYMAPS = ROOT / "data" / "skymaps"
 GRACEDB_URL = "https://gracedb.ligo.org/api/superevents/S230623ai/files/cwb.multiorder.fits,1"
@@ -134,7 +133,8 @@ def found_objects(api: Api, token: str, query: dict[str, Any]) -> set[str]:
 
 
 def skymap_count(api: Api) -> int:
-    return api.db[api.cfg.database.collections["skymaps"]].count_documents({})
+    count: int = api.db[api.cfg.database.collections["skymaps"]].count_documents({})
+    return count
 
 
 def test_voevent_put_get_query_delete(api: Api, users: dict[str, str], files: FileServer) -> None:
