@@ -2,8 +2,8 @@
 """Kowalski management CLI.
 
 Runs with the system Python (standard library only at this level): commands that need the
-project's packages first create `.venv` and install `requirements.txt` into it, then re-run
-themselves inside it.
+project's packages first create `.venv`, install `requirements.txt` and the project itself
+(editable: `pip install -e .`) into it, then re-run themselves inside it.
 
     ./kowalski.py up --local     # everything on this machine: embedded DB, Kafka, API on :4000
     ./kowalski.py test           # the whole test suite (installs what it needs)
@@ -24,30 +24,33 @@ import sys
 import time
 import venv
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 VENV_PYTHON = VENV / "bin" / "python"
 REQUIREMENTS = ROOT / "requirements.txt"
+PYPROJECT = ROOT / "pyproject.toml"
 COMPOSE_FILE = ROOT / "docker-compose.yaml"
 COMPOSE_DEFAULTS = ROOT / "docker-compose.defaults.yaml"
 MIN_PYTHON = (3, 11)
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
 
 def _requirements_digest() -> str:
     digest = hashlib.sha256()
-    for path in sorted([REQUIREMENTS, *(ROOT / "requirements").glob("*.txt")]):
+    for path in sorted([REQUIREMENTS, PYPROJECT, *(ROOT / "requirements").glob("*.txt")]):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
 def ensure_venv() -> None:
-    """Create .venv and install the pinned requirements when they changed (idempotent)."""
+    """Create .venv and install the pinned requirements and the project (editable) when they
+    changed (idempotent)."""
     if sys.version_info < MIN_PYTHON:
         fail(
             f"Python >= {'.'.join(map(str, MIN_PYTHON))} is required, this is {sys.version.split()[0]}"
@@ -64,6 +67,7 @@ def ensure_venv() -> None:
     for cmd in (
         [*pip, "install", "-q", "--upgrade", "pip"],
         [*pip, "install", "-q", "-r", str(REQUIREMENTS)],
+        [*pip, "install", "-q", "--no-deps", "-e", str(ROOT)],
     ):
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
             fail("installing the Python requirements failed (see pip's output above)")
@@ -305,10 +309,17 @@ def cmd_develop(args: argparse.Namespace) -> None:
             fail(f"'{' '.join(cmd)}' failed")
 
 
+LINT_CHECKS = (
+    ["ruff", "check", "."],
+    ["ruff", "format", "--check", "."],
+    ["mypy"],  # the packages and tests ([tool.mypy] files in pyproject.toml)
+    ["mypy", "kowalski.py"],  # this script: a module named like the package, so checked apart
+)
+
+
 def cmd_lint(args: argparse.Namespace) -> None:
     reexec_in_venv()
-    checks = [["ruff", "check", "."], ["ruff", "format", "--check", "."]]
-    codes = [subprocess.run([sys.executable, "-m", *c], cwd=ROOT).returncode for c in checks]
+    codes = [subprocess.run([sys.executable, "-m", *c], cwd=ROOT).returncode for c in LINT_CHECKS]
     sys.exit(max(codes))
 
 
@@ -374,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     develop = sub.add_parser("develop", help="install pre-commit hooks")
     develop.set_defaults(func=cmd_develop)
 
-    lint = sub.add_parser("lint", help="ruff check + format check")
+    lint = sub.add_parser("lint", help="ruff check + format check + mypy (strict)")
     lint.set_defaults(func=cmd_lint)
     return parser
 
@@ -391,8 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         setattr(args, PASSTHROUGH[argv[0]], argv[1:])
     else:
         args = parser.parse_args(argv)
-    os.chdir(ROOT)
-    sys.path.insert(0, str(ROOT))
+    os.chdir(ROOT)  # relative paths (`seed data/catalogs`, compose files) are the checkout's
     args.func(args)
 
 

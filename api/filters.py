@@ -223,7 +223,9 @@ async def filters_post(request: web.Request) -> web.Response:
 
 
 async def _get(request: web.Request, filter_id: int) -> dict[str, Any]:
-    doc = await _filters(request).find_one({"filter_id": filter_id}, {"_id": 0})
+    doc: dict[str, Any] | None = await _filters(request).find_one(
+        {"filter_id": filter_id}, {"_id": 0}
+    )
     if doc is None:
         raise BadRequest(f"Filter id {filter_id} not found")  # 400, as upstream
     return doc

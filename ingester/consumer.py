@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from distributed import Client, Future, WorkerPlugin, get_worker
 
 from ingester.archive import prepare_database
@@ -146,7 +146,7 @@ def process_packets(runtime: str, survey: str, packets: list[Packet]) -> BatchRe
 class Batch:
     survey: str
     packets: list[Packet]
-    future: Future
+    future: Future[BatchReport]
     attempts: int = 1
 
     def offsets(self) -> list[TopicPartition]:
@@ -271,11 +271,12 @@ class Ingester:
         )
         by_survey: dict[str, list[Packet]] = {}
         for msg in messages:
-            if msg.error():
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("kafka: %s", msg.error())
+            error = msg.error()
+            if error:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("kafka: %s", error)
                 continue
-            packet = Packet(msg.topic(), msg.partition(), msg.offset(), msg.value())
+            packet = _packet(msg)
             by_survey.setdefault(
                 survey_for_topic(packet.topic, self.cfg.kafka.topics).name, []
             ).append(packet)
@@ -310,6 +311,13 @@ class Ingester:
             self.consumer.close()
             self.publisher.close()
         return self.report
+
+
+def _packet(msg: Message) -> Packet:
+    """A consumed message that is not an error (those always carry topic, partition, offset)."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return Packet(topic, partition, offset, msg.value() or b"")
 
 
 def start_cluster(cfg: Config, processes: bool = True) -> Client:

@@ -13,7 +13,7 @@ import hashlib
 import io
 import json
 import zlib
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 from fastavro import schemaless_reader
@@ -50,6 +50,11 @@ def _parsed_schema(digest: str, schema_json: bytes) -> Any:
         raise DecodeError(f"invalid writer schema: {exc}") from None
 
 
+def _read_record(buf: io.BytesIO, schema: Any) -> dict[str, Any]:
+    """One record: fastavro types its result as any Avro value; a record schema reads a dict."""
+    return cast(dict[str, Any], schemaless_reader(buf, schema, None))
+
+
 def _read_long(buf: io.BytesIO) -> int:
     shift, result = 0, 0
     while True:
@@ -67,8 +72,9 @@ def _read_long(buf: io.BytesIO) -> int:
 
 def writer_schema(packet: bytes) -> dict[str, Any]:
     """The writer schema embedded in a packet (JSON), e.g. to read its version."""
-    header = schemaless_reader(io.BytesIO(packet), HEADER_SCHEMA, None)
-    return json.loads(header["meta"]["avro.schema"])
+    header = _read_record(io.BytesIO(packet), HEADER_SCHEMA)
+    schema: dict[str, Any] = json.loads(header["meta"]["avro.schema"])
+    return schema
 
 
 def decode_packet(packet: bytes) -> list[dict[str, Any]]:
@@ -77,10 +83,10 @@ def decode_packet(packet: bytes) -> list[dict[str, Any]]:
         raise DecodeError("not an Avro object container (bad magic bytes)")
     buf = io.BytesIO(bytes(packet))
     try:
-        header = schemaless_reader(buf, HEADER_SCHEMA, None)
+        header = _read_record(buf, HEADER_SCHEMA)
     except (EOFError, ValueError, StopIteration) as exc:
         raise DecodeError(f"unreadable Avro header: {exc}") from None
-    meta = header["meta"]
+    meta: dict[str, bytes] = header["meta"]
     schema_json = meta.get("avro.schema")
     if not schema_json:
         raise DecodeError("Avro header has no schema")
@@ -101,7 +107,7 @@ def decode_packet(packet: bytes) -> list[dict[str, Any]]:
         block_buf = io.BytesIO(block)
         try:
             for _ in range(count):
-                records.append(schemaless_reader(block_buf, schema, None))
+                records.append(_read_record(block_buf, schema))
         except (EOFError, ValueError, StopIteration, IndexError) as exc:
             raise DecodeError(f"corrupt Avro record: {exc}") from None
         if buf.read(SYNC_SIZE) != header["sync"]:
@@ -127,7 +133,7 @@ def decode_confluent(packet: bytes, schemas: SchemaRegistry) -> list[dict[str, A
         raise DecodeError(str(exc)) from None
     buf = io.BytesIO(packet[CONFLUENT_HEADER:])
     try:
-        record = schemaless_reader(buf, schema, None)
+        record = _read_record(buf, schema)
     except (EOFError, ValueError, StopIteration, IndexError, UnicodeDecodeError) as exc:
         raise DecodeError(
             f"truncated or corrupt record for schema id {schema_id}: {exc!r}"

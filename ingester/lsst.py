@@ -11,7 +11,7 @@ diaSourceId), fp_hists (prvDiaForcedSources, with magnitudes), the latest diaObj
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 from ingester.mongify import MAG_CONST, Parts, clean
 from kowalski.coords import coordinates_block, coordinates_problem
@@ -25,7 +25,7 @@ OBJECT_PARTS = ("diaObject", "ssObject", "MPCORB", "mpc_orbits")
 Doc = dict[str, Any]
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, int | float) and math.isfinite(value)
 
 

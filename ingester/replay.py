@@ -15,6 +15,7 @@ import io
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, cast
 
 import fastavro
 from confluent_kafka import Producer
@@ -43,10 +44,11 @@ def messages_of(packet: bytes, survey: Survey) -> list[bytes]:
         return [packet]
     reader = fastavro.reader(io.BytesIO(packet))
     schema = reader.writer_schema
-    assert schema is not None
+    assert isinstance(schema, dict)  # an alert container's schema is a record
     schema_id = schema_id_of(f"{schema.get('namespace')}.{schema['name']}")
     parsed = fastavro.parse_schema(schema)
-    return [frame_confluent(schema_id, record, parsed) for record in reader]
+    # fastavro types each datum as any Avro value: those of a record schema are dicts
+    return [frame_confluent(schema_id, cast(dict[str, Any], r), parsed) for r in reader]
 
 
 def alert_files(paths: Iterable[Path]) -> list[Path]:
@@ -101,7 +103,8 @@ def ingest_files(cfg: Config, files: Iterable[Path], batch_size: int = 64) -> di
     async def run() -> dict[str, int]:
         client = async_client(cfg)
         try:
-            pipeline = Pipeline(cfg, client[cfg.database.db], {"ZTF": load_models(cfg, "ZTF")})
+            models = {name: load_models(cfg, name) for name in by_survey}
+            pipeline = Pipeline(cfg, client[cfg.database.db], models)
             stored: dict[str, int] = {}
             for survey, paths in by_survey.items():
                 report = BatchReport()

@@ -102,7 +102,7 @@ class Delivery:
         per_call = (sp.retries + 1) * max(
             sp.timeout_s, sp.photometry_timeout_s, sp.followup_timeout_s
         )
-        backoffs = sum(sp.backoff_s * 2**i for i in range(sp.retries))
+        backoffs: float = sum(sp.backoff_s * 2**i for i in range(sp.retries))
         return CALLS_PER_ENTRY * (per_call + backoffs) + 30.0
 
     async def round(self) -> int:

@@ -71,9 +71,10 @@ async def match_catalog(
         kept = []
         for doc, sep_deg in matches:
             if spec.use_distance:
-                doc = _with_distance(spec, doc, sep_deg * 3600.0)
-                if doc is None:
+                with_distance = _with_distance(spec, doc, sep_deg * 3600.0)
+                if with_distance is None:
                     continue
+                doc = with_distance
             kept.append(cones.strip_position(doc) if strip else doc)
         results.append(kept)
     return results

@@ -145,7 +145,8 @@ def great_circle_distance(ra1: Any, dec1: Any, ra2: Any, dec2: Any) -> np.ndarra
     hav = (
         np.sin((dec2 - dec1) / 2) ** 2 + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2) ** 2
     )
-    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(hav, 0.0, 1.0))))
+    distance: np.ndarray = np.degrees(2 * np.arcsin(np.sqrt(np.clip(hav, 0.0, 1.0))))
+    return distance
 
 
 def coordinates_problem(ra: Any, dec: Any) -> str | None:

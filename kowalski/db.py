@@ -57,7 +57,9 @@ IndexKeys = list[tuple[str, int | str]]
 
 def _same_index(existing: dict[str, Any], name: str, keys: IndexKeys) -> bool:
     info = existing.get(name)
-    return bool(info) and [tuple(k) for k in info["key"]] == list(keys)
+    if not info:
+        return False
+    return [tuple(k) for k in info["key"]] == list(keys)
 
 
 def create_index_sync(coll: Any, keys: IndexKeys, name: str, unique: bool = False) -> str:

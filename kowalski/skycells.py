@@ -48,7 +48,8 @@ def sky_cells(ra: Any, dec: Any) -> np.ndarray:
     ipix = nested.lonlat_to_healpix(
         Longitude(ra_arr, u.deg), Latitude(dec_arr, u.deg), CELL_ORDER, num_threads=_THREADS
     )
-    return ipix.astype(np.int64)
+    cells: np.ndarray = ipix.astype(np.int64)
+    return cells
 
 
 def sky_cell(ra: float, dec: float) -> int:

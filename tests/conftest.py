@@ -88,8 +88,8 @@ def cfg(test_environ: dict[str, str]) -> Config:
 
 
 @pytest.fixture
-async def mongo(cfg: Config, mongo_uri: str) -> AsyncIterator[AsyncMongoClient]:
-    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
+async def mongo(cfg: Config, mongo_uri: str) -> AsyncIterator[AsyncMongoClient[dict[str, Any]]]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
     try:
         yield client
     finally:
@@ -123,6 +123,12 @@ def clean_env(**extra: str) -> dict[str, str]:
         if not k.startswith(("KOWALSKI", "MONGODB_URI", "KAFKA_BOOTSTRAP"))
     }
     return {**base, **extra}
+
+
+def found(doc: dict[str, Any] | None) -> dict[str, Any]:
+    """A document a test expects to be there (find_one's None fails the test here)."""
+    assert doc is not None, "document not found"
+    return doc
 
 
 # ------------------------------------------------------------------ the API, in-process

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from kowalski.testing.process import free_port
 
 Doc = dict[str, Any]
 TOKEN = "test-token"
-BODY = web.RequestKey("body", object)
+BODY: web.RequestKey[Doc | None] = web.RequestKey("body")
 ZTF_STREAMS = [
     {"id": 11, "name": "ZTF Public"},
     {"id": 12, "name": "ZTF Public+Partnership"},
@@ -136,7 +137,7 @@ class FakeSkyPortal:
 
     # ------------------------------------------------------------------ server
     @web.middleware
-    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         body = await request.json() if request.can_read_body else None
         record = Request(
             request.method, request.path, dict(request.query), body, dict(request.headers)
@@ -214,8 +215,8 @@ class FakeSkyPortal:
                 s.comments[obj].append(body)
                 return ok({"comment_id": next(self.ids)})
             case ("GET", ["followup_request"]):
-                obj = request.query.get("sourceID")
-                found = [f for f in s.followups if f["obj_id"] == obj]
+                source_id = request.query.get("sourceID")
+                found = [f for f in s.followups if f["obj_id"] == source_id]
                 return ok({"followup_requests": found, "totalMatches": len(found)})
             case ("POST", ["followup_request"]):
                 request_doc = {

@@ -6,7 +6,7 @@ import math
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pandas as pd
 import pytest
@@ -21,7 +21,7 @@ from ops.catalogs.ingest import Columns, frame_chunks, ingest_chunks
 from ops.catalogs.readers import read_chunks
 from ops.catalogs.synthetic import generate
 
-from .conftest import DATA
+from .conftest import DATA, found
 
 CATALOGS = DATA / "catalogs"
 VLASS = CATALOGS / "CIRADA_VLASS1QL_table1_components_v1_head100.csv"
@@ -31,7 +31,13 @@ PTF = CATALOGS / "PTF_d002867_f01_c01_sexcat_match.pytable"
 ZTF_MATCH = sorted((CATALOGS / "ztf_matchfiles").glob("*.pytable"))
 FEATURES = CATALOGS / "ztf_source_features" / "331_2_3_7.h5"
 CLASSIFICATIONS = CATALOGS / "ztf_source_classifications" / "xgb" / "d15.e.c" / "487_12_1_17.h5"
-QUIET = {"progress": False}
+
+
+class Quiet(TypedDict):
+    progress: bool
+
+
+QUIET: Quiet = {"progress": False}
 
 
 @pytest.fixture
@@ -43,54 +49,54 @@ def catalog_cfg(test_environ: dict[str, str]) -> Config:
 
 
 @pytest.fixture
-def db(mongo_uri: str, catalog_cfg: Config) -> Iterator[Database]:
-    with MongoClient(mongo_uri) as client:
+def db(mongo_uri: str, catalog_cfg: Config) -> Iterator[Database[dict[str, Any]]]:
+    with MongoClient[dict[str, Any]](mongo_uri) as client:
         yield client[catalog_cfg.database.db]
         client.drop_database(catalog_cfg.database.db)
 
 
-def test_vlass(db: Database) -> None:
+def test_vlass(db: Database[dict[str, Any]]) -> None:
     [report] = surveys.vlass(db, VLASS, **QUIET)
     assert (report.read, report.ingested, db.VLASS_DR1.count_documents({})) == (27, 27, 27)
-    doc = db.VLASS_DR1.find_one()
+    doc = found(db.VLASS_DR1.find_one())
     assert doc["coordinates"]["radec_geojson"]["coordinates"][0] == pytest.approx(doc["RA"] - 180)
 
 
-def test_igaps(db: Database) -> None:
+def test_igaps(db: Database[dict[str, Any]]) -> None:
     surveys.igaps(db, IGAPS, **QUIET)
     assert db.IGAPS_DR2.count_documents({}) == 100
 
 
-def test_ztf_public_light_curves(db: Database) -> None:
+def test_ztf_public_light_curves(db: Database[dict[str, Any]]) -> None:
     surveys.ztf_public(db, ZTF_DR5, **QUIET)
     assert db.ZTF_public_sources_DR5.count_documents({}) == 5449
-    doc = db.ZTF_public_sources_DR5.find_one({"_id": 250101100000002})
+    doc = found(db.ZTF_public_sources_DR5.find_one({"_id": 250101100000002}))
     assert doc["nepochs"] == len(doc["hmjd"]) == len(doc["mag"]) == 96
 
 
-def test_ptf_matchfiles(db: Database) -> None:
+def test_ptf_matchfiles(db: Database[dict[str, Any]]) -> None:
     surveys.ptf_matchfiles(db, [PTF], **QUIET)
     assert db.PTF_sources.count_documents({}) == 1145
     assert db.PTF_exposures.count_documents({}) == 2
-    doc = db.PTF_sources.find_one()
+    doc = found(db.PTF_sources.find_one())
     assert len(doc["data"]) == doc["nobs"] > 0
 
 
-def test_ztf_matchfiles(db: Database) -> None:
+def test_ztf_matchfiles(db: Database[dict[str, Any]]) -> None:
     surveys.ztf_matchfiles(db, ZTF_MATCH, **QUIET)
     assert db.ZTF_sources_20210401.count_documents({}) == 16
     assert db.ZTF_exposures_20210401.count_documents({}) == 10
 
 
-def test_ztf_source_features_and_classifications(db: Database) -> None:
+def test_ztf_source_features_and_classifications(db: Database[dict[str, Any]]) -> None:
     surveys.ztf_source_features(db, FEATURES, **QUIET)
     assert db.ZTF_source_features_DR5.count_documents({}) == 123
     surveys.ztf_source_classifications(db, CLASSIFICATIONS, **QUIET)
     assert db.ZTF_source_classifications_DR5.count_documents({}) == 9875
-    assert "d15_xgb" in db.ZTF_source_classifications_DR5.find_one()
+    assert "d15_xgb" in found(db.ZTF_source_classifications_DR5.find_one())
 
 
-def test_ingesting_twice_adds_nothing(db: Database) -> None:
+def test_ingesting_twice_adds_nothing(db: Database[dict[str, Any]]) -> None:
     [first] = surveys.igaps(db, IGAPS, **QUIET)
     assert first.ingested == first.new == 100
     [again] = surveys.igaps(db, IGAPS, **QUIET)
@@ -98,7 +104,7 @@ def test_ingesting_twice_adds_nothing(db: Database) -> None:
     assert db.IGAPS_DR2.count_documents({}) == 100
 
 
-def test_bad_rows_are_reported_never_stored(db: Database, tmp_path: Path) -> None:
+def test_bad_rows_are_reported_never_stored(db: Database[dict[str, Any]], tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
     path.write_text(
         "name,ra,dec\n"
@@ -120,14 +126,14 @@ def test_bad_rows_are_reported_never_stored(db: Database, tmp_path: Path) -> Non
         "missing id (name)": 1,
     }
     assert sorted(d["_id"] for d in db.bad_rows.find()) == ["good1", "sexagesimal"]
-    m31 = db.bad_rows.find_one({"_id": "sexagesimal"})
+    m31 = found(db.bad_rows.find_one({"_id": "sexagesimal"}))
     assert m31["coordinates"]["radec_geojson"]["coordinates"] == pytest.approx(
         [10.684583 - 180, 41.269167], abs=1e-5
     )
     assert "rejected 1: coordinates out of range" in report.summary()
 
 
-def test_resumes_after_an_interruption(db: Database) -> None:
+def test_resumes_after_an_interruption(db: Database[dict[str, Any]]) -> None:
     frame = generate(150, center=(150.0, 2.0), radius_deg=1.0, seed=3)
     assert len(frame) > 300
 
@@ -175,7 +181,7 @@ def test_synthetic_catalog_is_realistic() -> None:
 
 
 async def test_api_cone_search_finds_ingested_sources(
-    aiohttp_client: Any, catalog_cfg: Config, db: Database
+    aiohttp_client: Any, catalog_cfg: Config, db: Database[dict[str, Any]]
 ) -> None:
     surveys.vlass(db, VLASS, **QUIET)
     client = await aiohttp_client(await app_factory(catalog_cfg))
@@ -183,7 +189,7 @@ async def test_api_cone_search_finds_ingested_sources(
     token = (await auth.json())["token"]
     csv = pd.read_csv(VLASS)
     rows = csv[(csv.Duplicate_flag < 2) & (csv.Quality_flag == 0)].head(5)
-    radec = {r.Component_name: [r.RA, r.DEC] for r in rows.itertuples()}
+    radec = {str(r.Component_name): [r.RA, r.DEC] for r in rows.itertuples()}
     response = await client.post(
         "/api/queries",
         headers={"Authorization": f"Bearer {token}"},
@@ -233,7 +239,7 @@ def test_seed_command_loads_a_directory(
         assert result.returncode == 0, result.stderr
     assert "-> VLASS_DR1: read 27, ingested 27 (0 new), rejected 0" in result.stdout
     assert "Gaia_DR2.dump.gz: " in result.stdout  # restored, or a clear note why not
-    client: MongoClient = MongoClient(mongo_uri)
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
     assert client[db_name].VLASS_DR1.count_documents({}) == 27
     assert client[db_name].IGAPS_DR2.count_documents({}) == 100
     client.close()

@@ -20,7 +20,8 @@ DOCKERFILES = ["Dockerfile.api", "Dockerfile.ingester"]
 
 
 def compose(name: str) -> dict[str, Any]:
-    return yaml.safe_load((ROOT / name).read_text())
+    data: dict[str, Any] = yaml.safe_load((ROOT / name).read_text())
+    return data
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
@@ -80,7 +81,7 @@ def test_traefik_variant_tls_and_redirect() -> None:
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_dockerfiles_reference_existing_files(name: str) -> None:
     text = (ROOT / name).read_text()
-    sources = []
+    sources: list[str] = []
     for line in text.splitlines():
         match = re.match(r"^COPY\s+(?!--)(.+)\s+\S+$", line.strip())
         if match:

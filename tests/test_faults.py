@@ -37,7 +37,7 @@ from kowalski.testing.kafka import LocalKafka, cluster_id
 from kowalski.testing.mongo import EmbeddedMongo
 from kowalski.testing.process import free_port
 
-from .conftest import OTHER_ALERTS, ZTF_ALERTS
+from .conftest import OTHER_ALERTS, ZTF_ALERTS, found
 from .test_ingestion import FILTER, altered_packet, night_environ
 
 DEADLINE = 600.0  # seconds: generous, the suite must pass on a loaded machine
@@ -97,7 +97,7 @@ def assert_exactly_once(db: Database[Doc], expected: set[int]) -> None:
     assert passed and passed <= expected
     assert {d["candid"] for d in ledger if d["filters"]} == passed
     for alert in alerts:
-        aux = db.ZTF_alerts_aux.find_one({"_id": alert["objectId"]})
+        aux = found(db.ZTF_alerts_aux.find_one({"_id": alert["objectId"]}))
         keys = [history_key(p) for p in aux["prv_candidates"]]
         assert len(keys) == len(set(keys)), alert["objectId"]  # no duplicated history point
         assert alert["candid"] in {p.get("candid") for p in aux["prv_candidates"]}
@@ -105,7 +105,7 @@ def assert_exactly_once(db: Database[Doc], expected: set[int]) -> None:
     for path in ztf_files():
         packet = decode_packet(path.read_bytes())[0]
         if packet["candid"] in expected:
-            aux = db.ZTF_alerts_aux.find_one({"_id": packet["objectId"]})
+            aux = found(db.ZTF_alerts_aux.find_one({"_id": packet["objectId"]}))
             stored = {history_key(p) for p in aux["prv_candidates"]}
             earlier = {history_key(p) for p in packet["prv_candidates"] or []}
             assert earlier <= stored, packet["objectId"]

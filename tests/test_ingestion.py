@@ -17,6 +17,7 @@ import pytest
 from confluent_kafka import Producer
 from distributed import Client, LocalCluster
 from pymongo import AsyncMongoClient, MongoClient
+from pymongo.database import Database
 
 from ingester.consumer import Ingester
 from ingester.decode import decode_packet, writer_schema
@@ -27,7 +28,7 @@ from kowalski.config import Config, build_config
 from kowalski.coords import coordinates_block
 from kowalski.surveys import SURVEYS as SURVEY_REGISTRY
 
-from .conftest import DATA, OTHER_ALERTS, ZTF_ALERTS
+from .conftest import DATA, OTHER_ALERTS, ZTF_ALERTS, found
 from .test_ml import COLUMNS
 
 SURVEYS = ["ZTF", "PGIR", "WNTR", "TURBO"]
@@ -108,8 +109,8 @@ def stop_when_committed(ingester: Ingester, count: int, stop: threading.Event) -
             stop.set()
 
 
-def db_of(mongo_uri: str, cfg: Config) -> MongoClient:
-    return MongoClient(mongo_uri)[cfg.database.db]
+def db_of(mongo_uri: str, cfg: Config) -> Database[dict[str, Any]]:
+    return MongoClient[dict[str, Any]](mongo_uri)[cfg.database.db]
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_ml_scores_match_reference(ingested: tuple[Config, Ingester], mongo_uri:
     rows = list(csv.DictReader((DATA / "reference" / "ml_scores.csv").open()))
     assert len(rows) == 38
     for row in rows:
-        doc = db.ZTF_alerts.find_one({"candid": int(row["candid"])}, {"classifications": 1})
+        doc = found(db.ZTF_alerts.find_one({"candid": int(row["candid"])}, {"classifications": 1}))
         for model, column in COLUMNS.items():
             assert doc["classifications"][model] == pytest.approx(float(row[column]), abs=1e-5), (
                 row["file"],
@@ -184,19 +185,21 @@ def test_ml_scores_match_reference(ingested: tuple[Config, Ingester], mongo_uri:
 def test_alert_and_history_documents(ingested: tuple[Config, Ingester], mongo_uri: str) -> None:
     cfg, _ = ingested
     db = db_of(mongo_uri, cfg)
-    alert = db.ZTF_alerts.find_one({"candid": 1127561445515015011})
+    alert = found(db.ZTF_alerts.find_one({"candid": 1127561445515015011}))
     assert alert["objectId"] == "ZTF20aajcbhr"
     assert alert["coordinates"]["radec_geojson"]["coordinates"][0] == pytest.approx(
         alert["candidate"]["ra"] - 180
     )
     assert "prv_candidates" not in alert and alert["cutoutScience"]["stampData"][:2] == b"\x1f\x8b"
-    aux = db.ZTF_alerts_aux.find_one({"_id": alert["objectId"]})
+    aux = found(db.ZTF_alerts_aux.find_one({"_id": alert["objectId"]}))
     # upstream: 31 prv_candidates in the packet; the current detection is kept too
     assert len(aux["prv_candidates"]) == 32
     assert any(p.get("candid") == 1127561445515015011 for p in aux["prv_candidates"])
     assert set(aux["cross_matches"]) == set(cfg.database.xmatch["ZTF"])
-    fp_alert = db.ZTF_alerts_aux.find_one(
-        {"_id": db.ZTF_alerts.find_one({"candid": 2475433850015010009})["objectId"]}
+    fp_alert = found(
+        db.ZTF_alerts_aux.find_one(
+            {"_id": found(db.ZTF_alerts.find_one({"candid": 2475433850015010009}))["objectId"]}
+        )
     )
     jds = [p["jd"] for p in fp_alert.get("fp_hists", [])]
     assert jds == sorted(jds) and len(jds) == len(set(jds))
@@ -207,7 +210,7 @@ def test_cross_match_radius_on_real_alert(
 ) -> None:
     cfg, _ = ingested
     db = db_of(mongo_uri, cfg)
-    aux = db.ZTF_alerts_aux.find_one({"_id": "ZTF20aaelulu"})
+    aux = found(db.ZTF_alerts_aux.find_one({"_id": "ZTF20aaelulu"}))
     assert [m["_id"] for m in aux["cross_matches"]["Gaia_EDR3"]] == [1]
     assert aux["cross_matches"]["Gaia_EDR3"][0]["phot_g_mean_mag"] == 17.2
 
@@ -308,7 +311,7 @@ def test_database_outage_is_retried_and_nothing_is_dropped(
     finally:
         restart.join()
     try:
-        db = MongoClient(server.uri)[cfg.database.db]
+        db = MongoClient[dict[str, Any]](server.uri)[cfg.database.db]
         assert db.ZTF_alerts.count_documents({}) == 12, (
             ingester.committed,
             ingester.assigned,
@@ -322,7 +325,8 @@ def test_database_outage_is_retried_and_nothing_is_dropped(
 def test_two_ingesters_share_partitions(
     test_environ: dict[str, str], kafka_bootstrap: str, mongo_uri: str, dask_client: Client
 ) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
+    # confluent_kafka.admin re-exports NewTopic (its documented home) without listing it in __all__
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     tag = uuid.uuid4().hex[:8]
     topic = f"ztf_20200202_programid1_{tag}"
@@ -363,7 +367,7 @@ async def test_a_catalog_that_cannot_be_queried_is_left_unmatched_and_matched_la
     cfg = build_config(
         [], {**test_environ, "KOWALSKI__database__db": f"xmatch_{uuid.uuid4().hex[:8]}"}
     )
-    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
     db = client[cfg.database.db]
     day = ZTF_ALERTS / "20200202"
     later = day / "1127536316315015004.avro"  # the second alert of ZTF20aaelulx (same object)
@@ -385,7 +389,7 @@ async def test_a_catalog_that_cannot_be_queried_is_left_unmatched_and_matched_la
     catalogs["Nearby"] = spec.model_copy(update={"filter": {}})
     report = await Pipeline(cfg, db, {}).process(SURVEY_REGISTRY["ZTF"], packets_of([later]))
     assert report.xmatch_failures == 0
-    doc = await db.ZTF_alerts_aux.find_one({"_id": alert["objectId"]})
+    doc = found(await db.ZTF_alerts_aux.find_one({"_id": alert["objectId"]}))
     assert [m["_id"] for m in doc["cross_matches"]["Nearby"]] == [1]
     await client.drop_database(cfg.database.db)
     await client.close()
@@ -406,7 +410,7 @@ async def test_ml_failures_are_counted_and_scores_left_absent(
         },
     )
     models = load_models(cfg)
-    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
     db = client[cfg.database.db]
     paths = sorted((ZTF_ALERTS / "20200202").glob("*.avro"))
     broken = int(paths[0].stem)

@@ -184,7 +184,7 @@ def test_catalog_commands_use_the_local_instance(local: Local) -> None:
         result = run(*command, env=local.env)
         assert result.returncode == 0, result.stdout + result.stderr
         assert " read " in result.stdout and ", rejected 0" in result.stdout
-    with MongoClient(local.state.mongodb_uri) as client:
+    with MongoClient[dict[str, Any]](local.state.mongodb_uri) as client:
         db = client["kowalski"]
         assert db.VLASS_cli.count_documents({}) == pd.read_csv(vlass).Component_name.nunique()
         assert db.synthetic_cli.count_documents({"synthetic": True}) > 50

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 import numpy as np
@@ -69,8 +69,9 @@ def raw_records(path: Path) -> list[Doc]:
     data = path.read_bytes()
     if data[0] == 0:
         schema_id = int.from_bytes(data[1:5], "big")
-        return [fastavro.schemaless_reader(io.BytesIO(data[5:]), rubin_schema(schema_id), None)]
-    return list(fastavro.reader(io.BytesIO(data)))
+        record = fastavro.schemaless_reader(io.BytesIO(data[5:]), rubin_schema(schema_id), None)
+        return [cast(Doc, record)]  # fastavro types a datum as any Avro value: records are dicts
+    return [cast(Doc, record) for record in fastavro.reader(io.BytesIO(data))]
 
 
 def lsst_files() -> list[Path]:
@@ -667,7 +668,7 @@ def test_solar_system_source_without_dia_object_is_keyed_by_ss_object_id() -> No
     """Rubin's example alert (11.1) turned into a solar-system detection (test copy: diaObject
     removed, diaSource.ssObjectId set): its objectId is the ssObjectId."""
     data = (LSST_ALERTS / "fake_alert_packet.lsst.v11_1.confluent.avro").read_bytes()
-    record = fastavro.schemaless_reader(io.BytesIO(data[5:]), rubin_schema(1101), None)
+    record = cast(Doc, fastavro.schemaless_reader(io.BytesIO(data[5:]), rubin_schema(1101), None))
     record = {
         **record,
         "diaObject": None,

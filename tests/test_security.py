@@ -18,6 +18,7 @@ from typing import Any
 
 import jwt
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from bson import json_util
 from pymongo import MongoClient
@@ -62,7 +63,7 @@ def env(test_environ: dict[str, str], mongo_uri: str) -> Iterator[Env]:
 
 @dataclass
 class Api:
-    client: TestClient[Any, Any]
+    client: TestClient[web.Request, web.Application]
     tokens: dict[str, str]
 
     async def call(
@@ -485,7 +486,7 @@ async def test_query_deadline_is_the_apis(api: Api, env: Env) -> None:
 
 
 async def test_concurrent_queries_per_user_are_capped(api: Api) -> None:
-    slots = api.client.server.app[QUERY_SLOTS]
+    slots = api.client.app[QUERY_SLOTS]
     semaphore = slots.semaphore("public")
     count = {"query_type": "count_documents", "query": {"catalog": "ZTF_alerts", "filter": {}}}
     for _ in range(SLOTS_PER_USER):

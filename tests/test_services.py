@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -18,9 +19,11 @@ from kowalski.testing.process import ServiceError, free_port
 from .conftest import ztf_alert_files
 
 
-async def test_async_pymongo_crud_lookup_and_2dsphere(mongo: AsyncMongoClient) -> None:
+async def test_async_pymongo_crud_lookup_and_2dsphere(
+    mongo: AsyncMongoClient[dict[str, Any]],
+) -> None:
     db = mongo[f"svc_{uuid.uuid4().hex[:6]}"]
-    sources = [
+    sources: list[dict[str, Any]] = [
         {"_id": "near", "ra": 185.7288484, "dec": 15.8236168},
         {"_id": "far", "ra": 185.7288484 + 1.0, "dec": 15.8236168},
         {"_id": "wrap", "ra": 359.9999, "dec": 0.0},
@@ -79,10 +82,13 @@ def test_embedded_mongo_restart_keeps_data(tmp_path: Path) -> None:
     port = free_port()
     with (
         EmbeddedMongo(tmp_path / "db", port, sync_on_commit=True) as server,
-        MongoClient(server.uri) as client,
+        MongoClient[dict[str, Any]](server.uri) as client,
     ):
         client.k.c.insert_one({"_id": 1})
-    with EmbeddedMongo(tmp_path / "db", port) as server, MongoClient(server.uri) as client:
+    with (
+        EmbeddedMongo(tmp_path / "db", port) as server,
+        MongoClient[dict[str, Any]](server.uri) as client,
+    ):
         assert client.k.c.find_one({"_id": 1}) == {"_id": 1}
 
 
@@ -108,7 +114,7 @@ def _drain(consumer: Consumer, want: int, timeout: float = 30) -> list[bytes]:
             continue
         if msg.error():
             raise KafkaException(msg.error())
-        got.append(msg.value())
+        got.append(msg.value() or b"")
     return got
 
 
@@ -162,9 +168,9 @@ def test_forced_python_server_starts_and_answers(
     monkeypatch.setenv(secantus.CHOICE_ENV, "py")
     with (
         EmbeddedMongo(tmp_path / "db", free_port()) as server,
-        MongoClient(server.uri) as client,
+        MongoClient[dict[str, Any]](server.uri) as client,
     ):
-        assert server.server.command == secantus.PY_COMMAND
+        assert server.server is not None and server.server.command == secantus.PY_COMMAND
         client.k.c.insert_one({"_id": 1, "coordinates": coordinates_block(10.0, 20.0)})
         assert [d["_id"] for d in client.k.c.find(cone_clause(10.0, 20.0, 1e-6))] == [1]
 

@@ -29,6 +29,8 @@ from kowalski.skycells import (
 from ops.catalogs.ingest import Columns, frame_chunks, ingest_chunks
 from ops.seed import index_cells
 
+from .conftest import found
+
 ARCSEC = 1 / 3600
 RADII_DEG = [1 * ARCSEC, 2 * ARCSEC, 10 * ARCSEC, 1 / 60, 10 / 60, 1.0]
 CENTERS = [
@@ -84,20 +86,20 @@ def brute_force(
     return set(ids[(sep <= radius_deg) & ~edge].tolist()), set(ids[edge].tolist())
 
 
-def load(db: Database, name: str, catalog: pd.DataFrame) -> None:
+def load(db: Database[dict[str, Any]], name: str, catalog: pd.DataFrame) -> None:
     ingest_chunks(
         db, name, frame_chunks(catalog, 500), Columns("ra", "dec", "id"), name, progress=False
     )
 
 
-def strip_cells(db: Database, name: str) -> None:
+def strip_cells(db: Database[dict[str, Any]], name: str) -> None:
     """The same catalog as an upstream dump would restore it: no cells, no cell index."""
     db[name].drop_index("coordinates_cell")
     db[name].update_many({}, {"$unset": {CELL_FIELD: ""}})
 
 
 async def cone_ids(
-    coll: AsyncCollection, centers: list[tuple[float, float]], radius_deg: float
+    coll: AsyncCollection[dict[str, Any]], centers: list[tuple[float, float]], radius_deg: float
 ) -> list[set[Any]]:
     async def find(query: dict[str, Any]) -> list[dict[str, Any]]:
         return await coll.find(query, {"coordinates.radec_geojson": 1}).to_list()
@@ -107,7 +109,9 @@ async def cone_ids(
     return [{doc["_id"] for doc, _ in matches} for matches in found]
 
 
-async def assert_exact(coll: AsyncCollection, catalog: pd.DataFrame, alone: bool = True) -> int:
+async def assert_exact(
+    coll: AsyncCollection[dict[str, Any]], catalog: pd.DataFrame, alone: bool = True
+) -> int:
     """Every (center, radius) cone equals the brute force, asked all centers in one query and
     (`alone`) one cone at a time; returns the total number of hits."""
     hits = 0
@@ -129,8 +133,8 @@ def catalog() -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def sync_db(mongo_uri: str) -> Iterator[Database]:
-    client: MongoClient = MongoClient(mongo_uri)
+def sync_db(mongo_uri: str) -> Iterator[Database[dict[str, Any]]]:
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
     name = f"cells_{uuid.uuid4().hex[:8]}"
     yield client[name]
     client.drop_database(name)
@@ -138,8 +142,8 @@ def sync_db(mongo_uri: str) -> Iterator[Database]:
 
 
 @pytest.fixture
-async def async_db(mongo_uri: str, sync_db: Database) -> AsyncIterator[Any]:
-    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
+async def async_db(mongo_uri: str, sync_db: Database[dict[str, Any]]) -> AsyncIterator[Any]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
     cones.forget_cell_checks()
     yield client[sync_db.name]
     await client.close()
@@ -192,11 +196,11 @@ def test_whole_sky_cone_is_one_range() -> None:
 
 @pytest.mark.timeout(900)
 async def test_cone_search_with_cells_equals_brute_force(
-    sync_db: Database, async_db: Any, catalog: pd.DataFrame
+    sync_db: Database[dict[str, Any]], async_db: Any, catalog: pd.DataFrame
 ) -> None:
     load(sync_db, "with_cells", catalog)
-    doc = sync_db.with_cells.find_one({"_id": 5})
-    ra, dec = catalog.loc[5, ["ra", "dec"]]
+    doc = found(sync_db.with_cells.find_one({"_id": 5}))
+    ra, dec = (float(x) for x in catalog.loc[5, ["ra", "dec"]].to_numpy(dtype=float))
     assert doc["coordinates"]["cell"] == sky_cell(ra, dec)
     coll = async_db.with_cells
     assert await cones.has_cells(coll)
@@ -205,7 +209,7 @@ async def test_cone_search_with_cells_equals_brute_force(
 
 @pytest.mark.timeout(900)  # secantusd-py evaluates `$or` slowly
 async def test_catalog_without_cells_still_answers_and_index_cells_adds_them(
-    sync_db: Database, async_db: Any, catalog: pd.DataFrame
+    sync_db: Database[dict[str, Any]], async_db: Any, catalog: pd.DataFrame
 ) -> None:
     load(sync_db, "no_cells", catalog)
     strip_cells(sync_db, "no_cells")

@@ -133,7 +133,8 @@ def found_objects(api: Api, token: str, query: dict[str, Any]) -> set[str]:
 
 
 def skymap_count(api: Api) -> int:
-    return api.db[api.cfg.database.collections["skymaps"]].count_documents({})
+    count: int = api.db[api.cfg.database.collections["skymaps"]].count_documents({})
+    return count
 
 
 def test_voevent_put_get_query_delete(api: Api, users: dict[str, str], files: FileServer) -> None:

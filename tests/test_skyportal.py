@@ -26,7 +26,7 @@ from ingester.skyportal_delivery import DeliveryThread
 from ingester.skyportal_outbox import format_status, status
 from kowalski.config import ROOT, Config
 
-from .conftest import ZTF_ALERTS
+from .conftest import ZTF_ALERTS, found
 from .fake_skyportal import TOKEN, FakeSkyPortal, Fault
 from .test_ingestion import dask_client, night_config, stop_when_committed
 
@@ -207,8 +207,8 @@ def test_new_candidate_exact_sequence_and_bodies(
     skyportal: FakeSkyPortal,
 ) -> None:
     cfg = feed_config(test_environ, kafka_bootstrap, skyportal.port)
-    db = MongoClient(mongo_uri)[cfg.database.db]
-    annotated = [
+    db = MongoClient[Doc](mongo_uri)[cfg.database.db]
+    annotated: list[Doc] = [
         {"$match": {"objectId": "ZTF23abjjnqm"}},
         {"$project": {"candid": 1, "annotations": {"drb": "$candidate.drb"}}},
     ]
@@ -279,8 +279,8 @@ def test_new_candidate_exact_sequence_and_bodies(
     assert db.skyportal_outbox.count_documents({"state": "done"}) == 9
 
     # the same batch handed off again (a crash before it counted as done): nothing new is queued
-    alert = db.ZTF_alerts.find_one({"candid": packet["candid"]})
-    passed = {
+    alert = found(db.ZTF_alerts.find_one({"candid": packet["candid"]}))
+    passed: dict[int, list[Doc]] = {
         packet["candid"]: [
             {
                 "filter_id": f,
@@ -294,7 +294,9 @@ def test_new_candidate_exact_sequence_and_bodies(
     assert asyncio.run(hand_off_again(cfg, setup, alert, passed)) == 9
 
 
-async def hand_off_again(cfg: Config, setup: FeedSetup, alert: Doc, passed: Doc) -> int:
+async def hand_off_again(
+    cfg: Config, setup: FeedSetup, alert: Doc, passed: dict[int, list[Doc]]
+) -> int:
     from kowalski.db import async_client
     from kowalski.surveys import SURVEYS
 
@@ -315,9 +317,9 @@ def test_known_object_gets_only_new_points_and_updates(
     skyportal: FakeSkyPortal,
 ) -> None:
     cfg = feed_config(test_environ, kafka_bootstrap, skyportal.port)
-    db = MongoClient(mongo_uri)[cfg.database.db]
+    db = MongoClient[Doc](mongo_uri)[cfg.database.db]
     obj = "ZTF20aajcdad"
-    annotated = [
+    annotated: list[Doc] = [
         {"$match": {"objectId": obj}},
         {"$project": {"candid": 1, "annotations": {"mag": "$candidate.magpsf"}}},
     ]
@@ -363,7 +365,7 @@ def test_auto_followup_create_match_update_and_timeout(
     skyportal: FakeSkyPortal,
 ) -> None:
     cfg = feed_config(test_environ, kafka_bootstrap, skyportal.port)
-    db = MongoClient(mongo_uri)[cfg.database.db]
+    db = MongoClient[Doc](mongo_uri)[cfg.database.db]
     asc = {
         "active": True,
         "allocation_id": 3,
@@ -424,7 +426,7 @@ def test_auto_followup_create_match_update_and_timeout(
         created
     ]
     assert len(requests_of(timed_out)) == 1
-    timed = db.skyportal_outbox.find_one({"obj_id": timed_out, "kind": "followup"})
+    timed = found(db.skyportal_outbox.find_one({"obj_id": timed_out, "kind": "followup"}))
     assert timed["state"] == "done" and timed["attempts"] == 2 and "Timeout" in timed["last_error"]
     assert [r["payload"]["priority"] for r in requests_of(same)] == [2]  # no duplicate, no update
     assert [r["payload"]["priority"] for r in requests_of(lower)] == [2]  # asc: 1 -> 2
@@ -446,7 +448,7 @@ def test_503_twice_then_200_loses_and_duplicates_nothing(
     skyportal: FakeSkyPortal,
 ) -> None:
     cfg = feed_config(test_environ, kafka_bootstrap, skyportal.port)
-    db = MongoClient(mongo_uri)[cfg.database.db]
+    db = MongoClient[Doc](mongo_uri)[cfg.database.db]
     add_filter(db, 1, 10, [{"$match": {"candidate.drb": {"$gt": 0.9}}}], autosave=True)
     setup = setup_for(cfg, db)
     obj = "ZTF20aaelulu"
@@ -459,7 +461,7 @@ def test_503_twice_then_200_loses_and_duplicates_nothing(
     ingest(cfg, dask_client, kafka_bootstrap, sorted(NIGHT.glob("*.avro")), setup)
     deliver(cfg, db, setup)
     assert_each_entry_delivered_once(db, skyportal)
-    first = db.skyportal_outbox.find_one({"obj_id": obj, "kind": "candidate"})
+    first = found(db.skyportal_outbox.find_one({"obj_id": obj, "kind": "candidate"}))
     assert first["attempts"] == 2 and "HTTP 503" in first["last_error"]
     assert len(skyportal.state.candidates[obj]) == 1
     faulted = [r for r in skyportal.requests if r.method != "GET" and not r.answered]
@@ -477,7 +479,7 @@ def test_skyportal_down_through_replay_and_restart_then_back(
     cfg = feed_config(
         test_environ, kafka_bootstrap, skyportal.port, KOWALSKI__ingester__batch_size="4"
     )
-    db = MongoClient(mongo_uri)[cfg.database.db]
+    db = MongoClient[Doc](mongo_uri)[cfg.database.db]
     add_filter(db, 1, 10, [{"$match": {"candidate.drb": {"$gt": 0.9}}}], autosave=True)
     setup = setup_for(cfg, db)
     skyportal.stop()
@@ -588,7 +590,7 @@ def test_broker_off_posts_and_queues_nothing(
     skyportal: FakeSkyPortal,
 ) -> None:
     cfg = feed_config(test_environ, kafka_bootstrap, skyportal.port, KOWALSKI__misc__broker="false")
-    db = MongoClient(mongo_uri)[cfg.database.db]
+    db = MongoClient[Doc](mongo_uri)[cfg.database.db]
     add_filter(db, 1, 10, [{"$match": {"candidate.drb": {"$gt": 0.9}}}], autosave=True)
     setup = setup_for(cfg, db)
     ingested = ingest(cfg, dask_client, kafka_bootstrap, sorted(NIGHT.glob("*.avro")), setup)

@@ -28,8 +28,6 @@ def gunicorn_command(cfg: Config, host: str, port: int, workers: int | None = No
         str(cfg.server.timeout),
         "--max-requests",
         str(cfg.server.max_requests),
-        "--chdir",
-        str(ROOT),
         "--no-control-socket",
         "api.app:app_factory",
     ]
@@ -38,7 +36,8 @@ def gunicorn_command(cfg: Config, host: str, port: int, workers: int | None = No
 def answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status < 500
+            status: int = response.status
+            return status < 500
     except urllib.error.HTTPError as exc:  # 401 without a token: it is up
         return exc.code < 500
     except OSError:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,12 +27,12 @@ from pymongo.database import Database
 from tqdm import tqdm
 
 from kowalski.coords import deg_to_dms, deg_to_hms, geojson_point, parse_dec, parse_ra
-from kowalski.db import create_index_sync
+from kowalski.db import IndexKeys, create_index_sync
 from kowalski.skycells import CELL_INDEX, CELL_INDEX_NAME, add_cells
 
 Doc = dict[str, Any]
 CHECKPOINTS = "catalog_ingestions"
-GEO_INDEX = [("coordinates.radec_geojson", "2dsphere"), ("_id", 1)]
+GEO_INDEX: IndexKeys = [("coordinates.radec_geojson", "2dsphere"), ("_id", 1)]
 EXAMPLES_KEPT = 5
 
 
@@ -100,7 +100,7 @@ def plain(value: Any) -> Any:
 
 
 def row_document(
-    row: dict[str, Any], columns: Columns, fallback_id: str
+    row: Mapping[Hashable, Any], columns: Columns, fallback_id: str
 ) -> tuple[Doc | None, str | None]:
     """(document, None) or (None, reason it was rejected)."""
     doc = {k: v for k, v in ((str(k), plain(v)) for k, v in row.items()) if v is not None}
@@ -202,16 +202,16 @@ def ingest_chunks(
             if position <= resume_from:
                 report.skipped_resumed += len(chunk)
                 continue
-            docs = []
+            docs: list[Doc] = []
             for offset, row in enumerate(chunk.to_dict("records")):
                 number = start + offset
                 if number < resume_from:
                     report.skipped_resumed += 1
                     continue
                 doc, reason = row_document(row, columns, f"{source}:{number}")
-                if reason:
+                if reason is not None:
                     report.reject(reason, number)
-                else:
+                elif doc is not None:
                     docs.append(doc)
             add_cells(docs)
             pending.append((pool.submit(_write, db, collection, docs, merge), position, len(docs)))

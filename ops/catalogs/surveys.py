@@ -54,7 +54,9 @@ def _with_light_curves(sources: pd.DataFrame, data: pd.DataFrame, key: str) -> p
     """Sources that have observations, each with its `data` points (as upstream stores them)."""
     grouped = {k: g.drop(columns=[key]).to_dict("records") for k, g in data.groupby(key)}
     kept = sources[sources["nobs"] > 0].copy()
-    kept["data"] = [grouped.get(k, []) for k in kept[key]]
+    kept["data"] = pd.Series(
+        [grouped.get(k, []) for k in kept[key]], index=kept.index, dtype=object
+    )
     return kept
 
 
