@@ -1,314 +1,314 @@
-"""Benchmarks: `./kowalski.py bench [--rounds N] [--out FILE]`.
+"""Benchmarks: `./kowalski.py bench [--night N] [--out FILE]` (the night benchmark, default),
+`./kowalski.py bench --micro` (micro benchmarks of single stages, bench/micro.py),
+`./kowalski.py bench --profile` (cProfile of the pipeline over the night, bench/profile.py).
 
-Every claim is a ratio measured within one run on the same machine and the same data (the 38 real
-ZTF packets in data/ztf_alerts; cross-match catalogs are SYNTHETIC, generated around the alert
-positions). Absolute numbers depend on the machine and, with the embedded SecantusDB, mostly on the
-database, so stage times are reported separately for the database-bound and the CPU-bound stages.
-
-- decode: cached-schema decoder vs fastavro.reader per packet (upstream's way)
-- ml: micro-batched inference vs one call per alert, both on ONNX Runtime (upstream ran
-  TensorFlow per alert, which is not installed here; see data/models/README.md for its timings)
-- pipeline: whole batches vs one alert at a time through the same stages (dedup, ML, history,
-  cross-match, storage, filters)
-- cone_search API: N objects x M catalogs, batched `$or` queries (this API) vs one query per object
-  and catalog, one after another (upstream)
+The night benchmark builds a night of N alerts from the real ZTF packets in data/ (copies with new
+ids, jittered positions and times; bench/nightdata.py), SYNTHETIC cross-match catalogs, 25 filters
+and preloaded history, runs it through real Kafka and the ingester twice in the same run (batched,
+then one alert at a time as upstream does), then loads the API with concurrent penquins-style
+queries (bench/api_load.py). It prints a table and writes everything as JSON to --out.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import io
 import json
 import os
+import shutil
 import sys
-import tempfile
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fastavro
+from bench.api_load import run_api
+from bench.micro import run_micro
+from bench.night import Services, bench_environ, night_workdir, run_mode, services, write_night
+from bench.nightdata import (
+    FILTER_COUNT,
+    Night,
+    NightSpec,
+    build_night,
+    history_documents,
+    load_catalogs,
+    load_filters,
+    reset_archive,
+)
+from bench.profile import run_profile
+from kowalski.config import ROOT, Config, build_config
 
-from ingester.decode import decode_packet
-from ingester.ml import load_models, score_batch
-from ingester.pipeline import BatchReport, Packet, Pipeline
-from kowalski.config import CONFIGURED, ROOT, Config, build_config, user_files
-from kowalski.connectivity import one_line_errors, require_database
-from kowalski.db import async_client, sync_client
-from kowalski.surveys import SURVEYS
-from kowalski.testing.mongo import EmbeddedMongo
-from kowalski.testing.process import free_port
-from ops.catalogs.ingest import Columns, frame_chunks, ingest_chunks
-from ops.catalogs.synthetic import generate
-
-PACKETS = sorted((ROOT / "data" / "ztf_alerts").rglob("*.avro"))
-DB_STAGES = ("dedup", "aux", "store", "filters")
-CPU_STAGES = ("decode", "ml", "mongify")
-
-
-def timed(fn: Any, repeat: int = 1) -> float:
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat
-
-
-def bench_decode(packets: list[bytes], repeat: int) -> dict[str, float]:
-    ours = timed(lambda: [decode_packet(p) for p in packets], repeat)
-    upstream = timed(lambda: [list(fastavro.reader(io.BytesIO(p))) for p in packets], repeat)
-    n = len(packets)
-    return {
-        "ours_ms_per_alert": ours / n * 1e3,
-        "fastavro_reader_ms_per_alert": upstream / n * 1e3,
-        "speedup": upstream / ours,
-    }
+Doc = dict[str, Any]
+TARGETS = (  # (name, result path, goal, "max" or "min") from issue #9
+    (
+        "DB round trips per alert (batched)",
+        ("modes", "batched", "round_trips_per_alert"),
+        0.1,
+        "max",
+    ),
+    (
+        "client CPU ms per alert (batched)",
+        ("modes", "batched", "client_cpu_ms_per_alert"),
+        10.0,
+        "max",
+    ),
+    ("batched / one at a time, alerts/s", ("speedup",), 10.0, "min"),
+    ("alerts/s end to end (batched)", ("modes", "batched", "alerts_per_s"), 100.0, "min"),
+)
 
 
-def bench_ml(cfg: Config, packets: list[bytes]) -> dict[str, float]:
-    models = load_models(cfg)
-    alerts = [decode_packet(p)[0] for p in packets]
-    score_batch(models, alerts[:2])  # warm up sessions
-    batched = timed(lambda: score_batch(models, alerts))
-    single = timed(lambda: [score_batch(models, [a]) for a in alerts])
-    n = len(alerts)
-    return {
-        "batched_ms_per_alert": batched / n * 1e3,
-        "per_alert_ms_per_alert": single / n * 1e3,
-        "speedup": single / batched,
-    }
-
-
-def prepare_db(cfg: Config) -> None:
-    """Synthetic cross-match catalogs around the real alert positions, and three filters."""
-    with sync_client(cfg) as client:
-        db = client[cfg.database.db]
-        client.drop_database(cfg.database.db)
-        for i, packet in enumerate(PACKETS):
-            cand = decode_packet(packet.read_bytes())[0]["candidate"]
-            for catalog in ("Gaia_EDR3", "AllWISE"):
-                frame = generate(20000, center=(cand["ra"], cand["dec"]), radius_deg=0.02, seed=i)
-                frame["id"] = frame["id"] + i * 1_000_000
-                ingest_chunks(
-                    db,
-                    catalog,
-                    frame_chunks(frame, 4096),
-                    Columns("ra", "dec", "id", int),
-                    f"bench:{i}",
-                    progress=False,
-                )
-        pipeline = json.dumps(
-            [{"$match": {"candidate.drb": {"$gt": 0.5}}}, {"$project": {"candid": 1}}]
-        )
-        db.filters.insert_many(
-            [
-                {
-                    "filter_id": k,
-                    "group_id": 1,
-                    "catalog": "ZTF_alerts",
-                    "permissions": [1, 2, 3],
-                    "active": True,
-                    "active_fid": "bench0",
-                    "fv": [{"fid": "bench0", "pipeline": pipeline}],
-                    "autosave": False,
-                    "auto_followup": {},
-                }
-                for k in (1, 2, 3)
-            ]
-        )
-
-
-async def run_pipeline(cfg: Config, batch_size: int, rounds: int) -> BatchReport:
-    client = async_client(cfg)
-    total = BatchReport()
-    try:
-        db = client[cfg.database.db]
-        pipeline = Pipeline(cfg, db, {"ZTF": load_models(cfg)})
-        for _ in range(rounds):
-            for name in ("ZTF_alerts", "ZTF_alerts_aux", "filter_runs"):
-                await db[name].drop()
-            from kowalski.db import ensure_indexes
-
-            await ensure_indexes(db, cfg, "ZTF_alerts")
-            packets = [Packet("bench", 0, i, p.read_bytes()) for i, p in enumerate(PACKETS)]
-            for start in range(0, len(packets), batch_size):
-                total.add(
-                    await pipeline.process(SURVEYS["ZTF"], packets[start : start + batch_size])
-                )
-    finally:
-        await client.close()
-    return total
-
-
-def bench_pipeline(cfg: Config, rounds: int) -> dict[str, Any]:
-    asyncio.run(run_pipeline(cfg, len(PACKETS), 1))  # warm up models and caches
-    out: dict[str, Any] = {}
-    for label, size in (("batched", len(PACKETS)), ("per_alert", 1)):
-        start = time.perf_counter()
-        report = asyncio.run(run_pipeline(cfg, size, rounds))
-        wall = time.perf_counter() - start
-        assert report.stored == rounds * len(PACKETS), report
-        out[label] = {
-            "alerts_per_s": report.stored / wall,
-            "db_stage_s": round(sum(report.seconds.get(s, 0.0) for s in DB_STAGES), 3),
-            "cpu_stage_s": round(sum(report.seconds.get(s, 0.0) for s in CPU_STAGES), 3),
-            "stages_s": {k: round(v, 3) for k, v in report.seconds.items()},
-        }
-    out["speedup"] = out["batched"]["alerts_per_s"] / out["per_alert"]["alerts_per_s"]
-    out["cpu_speedup"] = out["per_alert"]["cpu_stage_s"] / max(out["batched"]["cpu_stage_s"], 1e-9)
-    out["db_speedup"] = out["per_alert"]["db_stage_s"] / max(out["batched"]["db_stage_s"], 1e-9)
-    return out
-
-
-async def bench_cone(cfg: Config) -> dict[str, float]:
-    """The API's batched cone search vs one query per object and catalog in sequence (upstream)."""
-    from aiohttp.test_utils import TestClient, TestServer
-
-    import api.queries as queries
-    from api.app import app_factory
-    from api.queries import CONE_CONCURRENCY
-
-    async with TestClient(TestServer(await app_factory(cfg))) as client:
-        auth = await client.post("/api/auth", json={"username": "admin", "password": "admin"})
-        headers = {"Authorization": (await auth.json())["token"]}
-        radec = {}
-        for i, packet in enumerate(PACKETS):
-            cand = decode_packet(packet.read_bytes())[0]["candidate"]
-            radec[f"o{i}"] = [cand["ra"], cand["dec"]]
-        body = {
-            "query_type": "cone_search",
-            "query": {
-                "object_coordinates": {
-                    "cone_search_radius": 3,
-                    "cone_search_unit": "arcsec",
-                    "radec": radec,
-                },
-                "catalogs": {
-                    c: {"projection": {"_id": 1}} for c in ("Gaia_EDR3", "AllWISE", "ZTF_alerts")
-                },
-            },
-        }
-
-        async def once(request: dict[str, Any]) -> float:
-            start = time.perf_counter()
-            response = await client.post("/api/queries", json=request, headers=headers)
-            assert response.status == 200, await response.text()
-            await response.read()
-            return time.perf_counter() - start
-
-        await once(body)
-        batched = min([await once(body) for _ in range(3)])
-        # upstream: one find per object per catalog, one after another (a per-object `limit`
-        # makes this API take that path too, so both sides run the same server code otherwise)
-        per_object = {**body, "kwargs": {"limit": 100000}}
-        queries.CONE_CONCURRENCY = 1
-        try:
-            sequential = min([await once(per_object) for _ in range(3)])
-        finally:
-            queries.CONE_CONCURRENCY = CONE_CONCURRENCY
-    return {
-        "objects_x_catalogs": len(radec) * 3,
-        "batched_s": batched,
-        "per_object_sequential_s": sequential,
-        "speedup": sequential / batched,
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="kowalski.py bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--rounds", type=int, default=3, help="pipeline rounds over the 38 packets")
-    parser.add_argument("--out", type=Path, default=ROOT / "var" / "bench.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--night", type=int, default=2000, help="alerts in the night")
+    parser.add_argument("--batch-size", type=int, default=256, help="ingester batch size")
+    parser.add_argument(
+        "--single",
+        type=int,
+        default=None,
+        help="alerts run one at a time (default: the whole night; 0: skip that mode)",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="dask worker processes")
+    parser.add_argument(
+        "--catalog-rows", type=int, default=20000, help="rows per SYNTHETIC cross-match catalog"
+    )
+    parser.add_argument("--history", type=float, default=0.3, help="objects with history")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="produce at this many alerts/s (0: all at once)"
+    )
+    parser.add_argument("--api-requests", type=int, default=400, help="0: skip the API mode")
+    parser.add_argument("--api-concurrency", type=int, default=8)
+    parser.add_argument("--api-processes", type=int, default=2, help="gunicorn workers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--database", default="kowalski_bench_night", help="database name (dropped and refilled)"
+    )
+    parser.add_argument("--micro", action="store_true", help="run the micro benchmarks instead")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the pipeline over the night in this process instead (--out: .pstats)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--micro: pipeline rounds")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results")
+    return parser.parse_args(argv)
 
-    # the database: MONGODB_URI, else the running `up --local` instance, else one of its own
-    server = None
-    env = {**os.environ, "KOWALSKI__database__db": "kowalski_bench"}
-    env["KOWALSKI__server__insecure_dev"] = "true"  # logs in as admin/admin
-    cfg = build_config(user_files(), env)
-    if cfg.origin("database") == CONFIGURED["database"]:
-        server = EmbeddedMongo(
-            Path(tempfile.mkdtemp(prefix="kowalski-bench-")) / "db", free_port()
-        ).start()
-        cfg = build_config(user_files(), {**env, "MONGODB_URI": server.uri})
+
+def subset(night: Night, count: int) -> Night:
+    return Night(night.spec, night.alerts[:count], night.objects)
+
+
+@dataclass
+class Prepared:
+    """Servers up, the night built, catalogs, filters and history loaded."""
+
+    svc: Services
+    env: dict[str, str]
+    cfg: Config
+    night: Night
+    history: list[Doc]
+    catalogs: dict[str, int]
+    workdir: Path
+
+
+@contextmanager
+def prepared(args: argparse.Namespace) -> Iterator[Prepared]:
+    spec = NightSpec(
+        alerts=args.night,
+        catalog_rows=args.catalog_rows,
+        history_fraction=args.history,
+        seed=args.seed,
+    )
+    workdir = night_workdir()
     try:
-        with one_line_errors(cfg):
-            require_database(cfg)
-            results = run_all(
-                cfg, args.rounds, "embedded SecantusDB" if server else cfg.origin("database")
-            )
+        with services(workdir) as svc:
+            env = bench_environ(svc, args.database)
+            cfg = build_config([], env)
+            print(f"building a night of {spec.alerts} alerts from the real packets ...", flush=True)
+            night = build_night(spec)
+            print("loading SYNTHETIC catalogs, filters and history ...", flush=True)
+            catalogs = load_catalogs(cfg, night)
+            load_filters(cfg)
+            history = history_documents(cfg, night)
+            yield Prepared(svc, env, cfg, night, history, catalogs, workdir)
     finally:
-        if server:
-            server.stop()
-    report(results, args.out)
-    return 0
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_all(cfg: Config, rounds: int, database: str) -> dict[str, Any]:
-    packets = [p.read_bytes() for p in PACKETS]
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "database": database}}
-    print(f"database: {database}", flush=True)
-    print("decode ...", flush=True)
-    results["decode"] = bench_decode(packets, repeat=5)
-    print("ml ...", flush=True)
-    results["ml"] = bench_ml(cfg, packets)
-    print("preparing synthetic catalogs and filters ...", flush=True)
-    prepare_db(cfg)
-    print("pipeline ...", flush=True)
-    results["pipeline"] = bench_pipeline(cfg, rounds)
-    print("cone_search API ...", flush=True)
-    results["cone_search"] = asyncio.run(bench_cone(cfg))
+def describe(args: argparse.Namespace, ready: Prepared) -> Doc:
+    return {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "database": ready.svc.database,
+            "kafka": "local" if "kafka" in ready.svc.pids else "KAFKA_BOOTSTRAP_SERVERS",
+        },
+        "night": {
+            "alerts": len(ready.night.alerts),
+            "objects": len(ready.night.objects),
+            "objects_with_history": len(ready.history),
+            "source": "copies of the 38 real ZTF packets in data/ztf_alerts "
+            "(new candid/objectId, jittered positions and times)",
+            "synthetic_catalogs": ready.catalogs,
+            "filters": FILTER_COUNT,
+            "produce_rate": args.rate or "all at once",
+        },
+    }
+
+
+def night_bench(args: argparse.Namespace) -> Doc:
+    with prepared(args) as ready:
+        results: Doc = {**describe(args, ready), "modes": {}}
+        night = ready.night
+        single = len(night.alerts) if args.single is None else args.single
+        modes = [("batched", args.batch_size, night)]
+        if single > 0:
+            modes.append(("one_at_a_time", 1, subset(night, single)))
+        for label, size, part in modes:
+            print(f"{label}: {len(part.alerts)} alerts through Kafka + ingester ...", flush=True)
+            reset_archive(ready.cfg, ready.history)
+            night_file = ready.workdir / f"{label}.night"
+            write_night(part, night_file)
+            results["modes"][label] = run_mode(
+                ready.env, ready.svc, part, night_file, label, size, args.workers, args.rate
+            )
+        if "one_at_a_time" in results["modes"]:
+            results["speedup"] = (
+                results["modes"]["batched"]["alerts_per_s"]
+                / results["modes"]["one_at_a_time"]["alerts_per_s"]
+            )
+        if args.api_requests:
+            print("API: concurrent penquins-style queries ...", flush=True)
+            results["api"] = run_api(
+                ready.cfg,
+                ready.env,
+                night,
+                ready.workdir,
+                args.api_requests,
+                args.api_concurrency,
+                args.api_processes,
+            )
+    results["targets"] = targets(results)
     return results
 
 
-def report(results: dict[str, Any], out: Path) -> None:
+def profile_bench(args: argparse.Namespace, out: Path) -> Doc:
+    with prepared(args) as ready:
+        reset_archive(ready.cfg, ready.history)
+        print(f"profiling {len(ready.night.alerts)} alerts in batches of {args.batch_size} ...")
+        summary = run_profile(ready.cfg, ready.night, args.batch_size, out)
+        return {**describe(args, ready), "profile": summary}
+
+
+def lookup(results: Doc, path: tuple[str, ...]) -> Any:
+    value: Any = results
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def targets(results: Doc) -> list[Doc]:
+    out = []
+    for name, path, goal, kind in TARGETS:
+        value = lookup(results, path)
+        met = None if value is None else (value <= goal if kind == "max" else value >= goal)
+        out.append({"target": name, "goal": goal, "kind": kind, "value": value, "met": met})
+    return out
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def mode_title(label: str, mode: Doc) -> str:
+    return f"{label} ({mode['batch_size']})"
+
+
+def table(results: Doc) -> str:
+    night, modes = results["night"], results["modes"]
+    labels = list(modes)
+    lines = [
+        f"night: {night['alerts']} alerts of {night['objects']} objects "
+        f"({night['objects_with_history']} with history), {len(night['synthetic_catalogs'])} "
+        f"SYNTHETIC catalogs x {max(night['synthetic_catalogs'].values(), default=0):,} rows, "
+        f"{night['filters']} filters; database: {results['machine']['database']}, "
+        f"{results['machine']['cpus']} CPUs",
+        "",
+        f"{'':<34}" + "".join(f"{mode_title(k, modes[k]):>24}" for k in labels),
+    ]
+
+    def row(name: str, key: Any, digits: int = 1) -> None:
+        values = [key(modes[k]) for k in labels]
+        lines.append(f"{name:<34}" + "".join(f"{fmt(v, digits):>24}" for v in values))
+
+    row("alerts", lambda m: m["stored"], 0)
+    row("alerts/s end to end", lambda m: m["alerts_per_s"])
+    row("client CPU ms/alert", lambda m: m["client_cpu_ms_per_alert"])
+    row("DB round trips/alert", lambda m: m["round_trips_per_alert"], 2)
+    row("latency produce->archive p50 ms", lambda m: m["latency_ms"]["p50"], 0)
+    row("latency produce->archive p99 ms", lambda m: m["latency_ms"]["p99"], 0)
+    stages = list(modes[labels[0]]["stage_ms_per_alert"]) if labels else []
+    for stage in stages:
+        row(f"  stage {stage} ms/alert", lambda m, s=stage: m["stage_ms_per_alert"].get(s))
+    row(
+        "peak RSS MB (max process)",
+        lambda m: max(p["peak_rss_mb"] for p in m["processes"].values()),
+        0,
+    )
+    for server in ("database", "kafka"):
+        row(
+            f"{server} server CPU ms/alert", lambda m, s=server: m["server_cpu_ms_per_alert"].get(s)
+        )
+    if "speedup" in results:
+        lines.append(f"{'batched / one at a time':<34}{results['speedup']:>23.1f}x")
+    api = results.get("api")
+    if api:
+        lines += [
+            "",
+            f"API ({api['api_processes']} gunicorn workers, {api['concurrency']} concurrent clients): "
+            f"{api['requests_per_s']:.1f} requests/s, p50 {fmt(api['latency_ms']['p50'], 0)} ms, "
+            f"p99 {fmt(api['latency_ms']['p99'], 0)} ms, errors {sum(api['errors'].values())}",
+        ]
+        for kind, item in api["by_query"].items():
+            lines.append(
+                f"  {kind:<20} n={item['count']:<5} p50 {fmt(item['p50'], 0):>6} ms"
+                f"   p99 {fmt(item['p99'], 0):>6} ms"
+            )
+    lines.append("")
+    for target in results["targets"]:
+        sign = "<=" if target["kind"] == "max" else ">="
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
+        lines.append(
+            f"target {target['target']} {sign} {target['goal']:g}: "
+            f"{fmt(target['value'], 2)} ({verdict})"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.micro:
+        return run_micro(args.rounds, args.out or ROOT / "var" / "bench.json")
+    if args.profile:
+        summary = profile_bench(args, args.out or ROOT / "var" / "bench-night.pstats")
+        print(json.dumps(summary["profile"], indent=2))
+        return 0
+    out = args.out or ROOT / "var" / "bench-night.json"
+    results = night_bench(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print()
-    print(f"{'what':<22}{'this project':>16}{'upstream way':>16}{'ratio':>9}")
-    rows = [
-        (
-            "decode ms/alert",
-            results["decode"]["ours_ms_per_alert"],
-            results["decode"]["fastavro_reader_ms_per_alert"],
-            results["decode"]["speedup"],
-        ),
-        (
-            "ML ms/alert",
-            results["ml"]["batched_ms_per_alert"],
-            results["ml"]["per_alert_ms_per_alert"],
-            results["ml"]["speedup"],
-        ),
-        (
-            "pipeline alerts/s",
-            results["pipeline"]["batched"]["alerts_per_s"],
-            results["pipeline"]["per_alert"]["alerts_per_s"],
-            results["pipeline"]["speedup"],
-        ),
-        (
-            "  CPU stages s",
-            results["pipeline"]["batched"]["cpu_stage_s"],
-            results["pipeline"]["per_alert"]["cpu_stage_s"],
-            results["pipeline"]["cpu_speedup"],
-        ),
-        (
-            "  DB stages s",
-            results["pipeline"]["batched"]["db_stage_s"],
-            results["pipeline"]["per_alert"]["db_stage_s"],
-            results["pipeline"]["db_speedup"],
-        ),
-        (
-            "cone_search s",
-            results["cone_search"]["batched_s"],
-            results["cone_search"]["per_object_sequential_s"],
-            results["cone_search"]["speedup"],
-        ),
-    ]
-    for name, ours, theirs, ratio in rows:
-        print(f"{name:<22}{ours:>16.3f}{theirs:>16.3f}{ratio:>8.1f}x")
+    print(table(results))
     print(f"\nfull results: {out}")
+    return 0
 
 
 if __name__ == "__main__":

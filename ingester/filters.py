@@ -13,11 +13,19 @@ not filter failures: they propagate and the consumer retries the whole batch.
 
 Re-running a batch (after a crash) never doubles a record: alerts already recorded for a filter
 version are left out of the new records.
+
+Filters with the same permissions run together: the upstream stages (candid match, history
+`$lookup` and `$project`) once, then every filter as one branch of a `$facet`, in one aggregation:
+one round trip for all filters instead of one each, and the history joined once (measured ~7x
+less database time for 25 filters; see README, Benchmark). A filter whose output lacks `candid`,
+whose stages `$facet` cannot hold, or any failure of the shared run falls back to running that
+filter alone as described above, so the result never depends on this shortcut.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 import logging
 from collections import defaultdict
@@ -37,6 +45,10 @@ Doc = dict[str, Any]
 SINGLE_ATTEMPTS = 3  # tries of a filter on one alert before it is recorded failed
 BACKOFF_SECONDS = 0.25  # first back-off; doubles with every retry of the same alerts
 OK, FAILED = "ok", "failed"
+# stages a `$facet` branch may not contain: such a filter runs alone
+NOT_IN_FACET = frozenset(
+    {"$facet", "$out", "$merge", "$geoNear", "$collStats", "$indexStats", "$planCacheStats"}
+)
 
 
 @dataclass
@@ -100,21 +112,71 @@ async def _run(
     out = await (
         await coll.aggregate(full, allowDiskUse=False, maxTimeMS=max_ms * max(1, len(candids)))
     ).to_list()
-    if all("candid" in doc for doc in out):
-        passed: dict[int, Doc] = {}
-        counts: dict[int, int] = defaultdict(int)
-        for doc in out:
-            counts[int(doc["candid"])] += 1
-            passed[int(doc["candid"])] = doc
-        return {c: d for c, d in passed.items() if counts[c] == 1}
+    found = _passing(out)
+    if found is not None:
+        return found
     # the user pipeline projected candid away: attribute outputs by running per alert
-    passed = {}
+    passed: dict[int, Doc] = {}
     for candid in candids:
         one = full_pipeline(cfg, template.catalog, template.permissions, pipeline, [candid])
         docs = await (await coll.aggregate(one, allowDiskUse=False, maxTimeMS=max_ms)).to_list()
         if len(docs) == 1:
             passed[candid] = docs[0]
     return passed
+
+
+def _passing(out: list[Doc]) -> dict[int, Doc] | None:
+    """{candid: output} of the alerts with exactly one output; None if an output lacks candid."""
+    if not all("candid" in doc for doc in out):
+        return None
+    passed: dict[int, Doc] = {}
+    counts: dict[int, int] = defaultdict(int)
+    for doc in out:
+        counts[int(doc["candid"])] += 1
+        passed[int(doc["candid"])] = doc
+    return {c: d for c, d in passed.items() if counts[c] == 1}
+
+
+def _facet_groups(templates: Sequence[FilterTemplate]) -> list[list[int]]:
+    """Indices of the templates that can share one run, grouped by catalog and permissions."""
+    groups: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(list)
+    for i, template in enumerate(templates):
+        stages = {next(iter(stage)) for stage in template.pipeline if stage}
+        if not stages & NOT_IN_FACET:
+            groups[(template.catalog, tuple(sorted(template.permissions)))].append(i)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+async def run_together(
+    db: AsyncDatabase[Doc],
+    cfg: Config,
+    templates: Sequence[FilterTemplate],
+    candids: Sequence[int],
+) -> dict[int, dict[int, Doc]]:
+    """{template index: {candid: output}} for the templates answered by shared `$facet` runs;
+    templates left out (or a whole group whose run failed) are run alone by the caller."""
+    answered: dict[int, dict[int, Doc]] = {}
+    max_ms = cfg.ingester.filter_max_time_ms
+    for group in _facet_groups(templates):
+        first = templates[group[0]]
+        pipeline = full_pipeline(cfg, first.catalog, first.permissions, [], list(candids))
+        facet = {f"f{i}": copy.deepcopy(templates[i].pipeline) for i in group}
+        budget = max_ms * max(1, len(candids)) * len(group)
+        try:
+            cursor = await db[first.catalog].aggregate(
+                [*pipeline, {"$facet": facet}], allowDiskUse=False, maxTimeMS=budget
+            )
+            out = (await cursor.to_list())[0]
+        except OperationFailure as exc:
+            if database_unavailable(exc):
+                raise
+            log.info("shared run of %d filters failed, running them alone: %s", len(group), exc)
+            continue
+        for i in group:
+            passed = _passing(out.get(f"f{i}", []))
+            if passed is not None:
+                answered[i] = passed
+    return answered
 
 
 async def _option(
@@ -161,9 +223,16 @@ class FilterResults:
 
 
 async def _attempt(
-    db: AsyncDatabase[Doc], cfg: Config, template: FilterTemplate, candids: list[int]
+    db: AsyncDatabase[Doc],
+    cfg: Config,
+    template: FilterTemplate,
+    candids: list[int],
+    known: dict[int, Doc] | None = None,
 ) -> FilterOutcome:
-    passed = await _run(db, cfg, template, template.pipeline, candids)
+    """The filter (unless its outputs are `known` from a shared run), then its options."""
+    passed = (
+        known if known is not None else await _run(db, cfg, template, template.pipeline, candids)
+    )
     autosave = await _option(db, cfg, template, template.autosave, list(passed))
     followup = (
         await _option(db, cfg, template, template.auto_followup, list(autosave))
@@ -174,15 +243,20 @@ async def _attempt(
 
 
 async def run_resilient(
-    db: AsyncDatabase[Doc], cfg: Config, template: FilterTemplate, candids: list[int]
+    db: AsyncDatabase[Doc],
+    cfg: Config,
+    template: FilterTemplate,
+    candids: list[int],
+    known: dict[int, Doc] | None = None,
 ) -> FilterOutcome:
-    """One filter over `candids`; on failure back off and split in halves down to single alerts,
-    each tried `SINGLE_ATTEMPTS` times. Database-unavailable errors propagate."""
+    """One filter over `candids` (its outputs may be `known` from a shared run); on failure back
+    off and split in halves down to single alerts, each tried `SINGLE_ATTEMPTS` times.
+    Database-unavailable errors propagate."""
     attempts = SINGLE_ATTEMPTS if len(candids) == 1 else 1
     error = ""
     for attempt in range(attempts):
         try:
-            return await _attempt(db, cfg, template, candids)
+            return await _attempt(db, cfg, template, candids, known if attempt == 0 else None)
         except OperationFailure as exc:
             if database_unavailable(exc):
                 raise
@@ -272,9 +346,10 @@ async def run_filters(
     results = FilterResults()
     passed_by_candid: dict[int, list[Doc]] = defaultdict(list)
     recorded = await _recorded(db, cfg, templates, batch) if templates else set()
+    together = await run_together(db, cfg, templates, batch)
     runs: list[Doc] = []
-    for template in templates:
-        outcome = await run_resilient(db, cfg, template, batch)
+    for i, template in enumerate(templates):
+        outcome = await run_resilient(db, cfg, template, batch, together.get(i))
         skip = {c for f, v, c in recorded if (f, v) == (template.filter_id, template.fid)}
         runs.extend(_run_records(template, outcome, batch, skip))
         results.failures += len(outcome.failed)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from kowalski.config import Config, MLModel
+from kowalski.config import ML, Config, MLModel
 from kowalski.fits import read_stamp
 
 log = logging.getLogger("kowalski.ingester.ml")
@@ -102,12 +102,12 @@ class Model:
         return out
 
 
-def _onnx_runner(path: Path, spec: MLModel) -> Runner:
+def _onnx_runner(path: Path, spec: MLModel, settings: ML) -> Runner:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]
     by_rank = {len(i.shape): i.name for i in session.get_inputs()}
@@ -124,7 +124,7 @@ def _onnx_runner(path: Path, spec: MLModel) -> Runner:
     return run
 
 
-def _tensorflow_runner(path: Path, spec: MLModel) -> Runner:
+def _tensorflow_runner(path: Path, spec: MLModel, settings: ML) -> Runner:
     import os
     import tarfile
     import tempfile
@@ -162,7 +162,7 @@ def load_models(cfg: Config, instrument: str = "ZTF") -> list[Model]:
         path = base / relative
         try:
             loader = _onnx_runner if cfg.ml.backend == "onnx" else _tensorflow_runner
-            runner = loader(path, spec)
+            runner = loader(path, spec, cfg.ml)
         except Exception as exc:
             log.error("cannot load model %s from %s: %s", name, path, exc)
             continue

@@ -103,7 +103,8 @@ def ingest_files(cfg: Config, files: Iterable[Path], batch_size: int = 64) -> di
     async def run() -> dict[str, int]:
         client = async_client(cfg)
         try:
-            pipeline = Pipeline(cfg, client[cfg.database.db], {"ZTF": load_models(cfg, "ZTF")})
+            models = {name: load_models(cfg, name) for name in by_survey}
+            pipeline = Pipeline(cfg, client[cfg.database.db], models)
             stored: dict[str, int] = {}
             for survey, paths in by_survey.items():
                 report = BatchReport()

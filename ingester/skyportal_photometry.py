@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from kowalski.surveys import SURVEYS
+
 Doc = dict[str, Any]
 ZP_AB = 23.9
 MJD_OFFSET = 2400000.5
@@ -51,19 +53,12 @@ class FeedSurvey:
         return ZTF_PROGRAMIDS if self.stream_token is None else (-1,)
 
 
-def _ztf_filter(fid: Any) -> str | None:
-    return {1: "ztfg", 2: "ztfr", 3: "ztfi"}.get(fid)
-
-
-def _wntr_filter(fid: Any) -> str | None:
-    return {1: "ps1::y", 2: "2massj", 3: "2massh"}.get(fid)  # 4 (dark) is dropped
-
-
 FEED_SURVEYS: dict[str, FeedSurvey] = {
-    "ZTF": FeedSurvey("ZTF", _ztf_filter),
-    "PGIR": FeedSurvey("PGIR", lambda fid: "cspjs", "PGIR"),
-    "WNTR": FeedSurvey("WINTER", _wntr_filter, "WNTR"),
-    "TURBO": FeedSurvey("TURBO", lambda fid: None if fid is None else str(fid), "TURBO"),
+    survey.name: FeedSurvey(
+        survey.skyportal.instrument, survey.skyportal.filter_of, survey.skyportal.stream_token
+    )
+    for survey in SURVEYS.values()
+    if survey.skyportal is not None
 }
 
 

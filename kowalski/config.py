@@ -258,6 +258,10 @@ class ML(_Strict):
     backend: Literal["onnx", "tensorflow"]
     models_path: str
     batch_size: int = Field(default=16, ge=1)
+    # ONNX Runtime threads per model session (0: one per core). One each: the dask workers
+    # already run in parallel, and more threads oversubscribe the cores (see README, Benchmark)
+    intra_op_threads: int = Field(default=1, ge=0)
+    inter_op_threads: int = Field(default=1, ge=0)
     ZTF: InstrumentML = InstrumentML()
     PGIR: InstrumentML = InstrumentML()
     WNTR: InstrumentML = InstrumentML()

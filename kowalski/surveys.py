@@ -30,6 +30,23 @@ JD_UNIX_EPOCH = 2440587.5
 
 
 @dataclass(frozen=True)
+class SkyPortalSpec:
+    """How a survey's photometry is posted to SkyPortal (the broker feed, ingester/skyportal.py)."""
+
+    instrument: str  # instrument name on SkyPortal
+    filters: Mapping[int, str] | None = None  # fid -> SkyPortal filter; None: str(fid)
+    default_filter: str | None = None  # the filter of any fid not in `filters`; None: drop it
+    # streams: ZTF's are named per programid; other surveys use the stream whose name has this
+    stream_token: str | None = None
+
+    def filter_of(self, fid: Any) -> str | None:
+        """A point's SkyPortal filter (None: the point is not posted)."""
+        if self.filters is None:
+            return None if fid is None else str(fid)
+        return self.filters.get(fid, self.default_filter)
+
+
+@dataclass(frozen=True)
 class Survey:
     name: str  # registry key, also the instrument key in config (ZTF, PGIR, WNTR, TURBO, LSST)
     key: str  # lower-case key: collections `alerts_<key>`, cutout routes `/api/cutouts/<key>`
@@ -52,6 +69,7 @@ class Survey:
     history_key: tuple[str, ...] = ("jd", "fid", "candid")
     # first part of the writer schemas' full names (lsst.v7_1.alert); default: the topic prefix
     schema_name: str = ""
+    skyportal: SkyPortalSpec | None = None  # None: the broker feed does not post this survey
 
     @property
     def schema_family(self) -> str:
@@ -121,6 +139,7 @@ SURVEYS: dict[str, Survey] = {
             orientation="flipud",
             rights="programid",
             data_folder="ztf_alerts",
+            skyportal=SkyPortalSpec("ZTF", {1: "ztfg", 2: "ztfr", 3: "ztfi"}),
         ),
         Survey(
             "PGIR",
@@ -129,6 +148,7 @@ SURVEYS: dict[str, Survey] = {
             "objectId",
             orientation="rot270_fliplr",
             data_folder="other_alerts/pgir_alerts",
+            skyportal=SkyPortalSpec("PGIR", {}, default_filter="cspjs", stream_token="PGIR"),
         ),
         Survey(
             "WNTR",
@@ -137,6 +157,10 @@ SURVEYS: dict[str, Survey] = {
             "objectid",
             cutout_naming="snake",
             data_folder="other_alerts/wntr_alerts",
+            # fid 4 (dark) is not posted
+            skyportal=SkyPortalSpec(
+                "WINTER", {1: "ps1::y", 2: "2massj", 3: "2massh"}, stream_token="WNTR"
+            ),
         ),
         Survey(
             "TURBO",
@@ -145,6 +169,7 @@ SURVEYS: dict[str, Survey] = {
             "objectId",
             orientation="flipud",
             data_folder="other_alerts/turbo_alerts",
+            skyportal=SkyPortalSpec("TURBO", None, stream_token="TURBO"),
         ),
         Survey(
             "LSST",

@@ -11,6 +11,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
+from ingester import filters
 from ingester.ml import load_models
 from ingester.pipeline import Packet, Pipeline
 from kowalski.config import ROOT, build_config
@@ -181,5 +182,55 @@ async def test_a_filter_failing_on_one_alert_is_split_down_and_only_that_alert_f
     assert again.filter_failures == 1, again
     assert len(handed) == 2 and set(handed[1]) == candids - {bad}, (len(handed), again)
     assert await db.filter_runs.count_documents({"filter_id": 7}) == len(runs)
+    await client.drop_database(cfg.database.db)
+    await client.close()
+
+
+async def test_filters_sharing_permissions_run_together_with_the_same_answers(
+    test_environ: dict[str, str], mongo_uri: str
+) -> None:
+    """Filters with the same permissions share one `$facet` run; its answers equal each filter run
+    alone, a filter dropping candid or failing on one alert falls back to running alone."""
+    cfg = build_config(
+        [], {**test_environ, "KOWALSKI__database__db": f"filters_{uuid.uuid4().hex[:8]}"}
+    )
+    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
+    db = client[cfg.database.db]
+    files = sorted((ZTF_ALERTS / "20200202").glob("*.avro"))
+    packets = [Packet("t", 0, i, f.read_bytes()) for i, f in enumerate(files)]
+    await Pipeline(cfg, db, {}).process(SURVEYS["ZTF"], packets)
+    candids = [int(f.stem) for f in files]
+    bad = candids[3]
+    shapes = {
+        1: [{"$match": {"candidate.drb": {"$gt": 0.5}}}, {"$project": {"candid": 1}}],
+        2: [{"$project": {"candid": 1, "annotations.n": {"$size": "$prv_candidates"}}}],
+        3: [{"$match": {"candidate.magpsf": {"$lt": 19}}}, {"$project": {"_id": 0, "objectId": 1}}],
+        4: [
+            {
+                "$project": {
+                    "candid": 1,
+                    "x": {"$divide": [1, {"$cond": [{"$eq": ["$candid", bad]}, 0, 1]}]},
+                }
+            }
+        ],
+    }
+    templates = [
+        filters.FilterTemplate(k, 1, "v1", "ZTF_alerts", [1, 2, 3], pipeline)
+        for k, pipeline in shapes.items()
+    ]
+    alone = {
+        t.filter_id: await filters._run(db, cfg, t, t.pipeline, candids) for t in templates[:3]
+    }
+    shared = await filters.run_together(db, cfg, templates[:3], candids)
+    assert set(shared) == {0, 1}  # filter 3 drops candid: it runs alone
+    assert shared[0] == alone[1] and shared[1] == alone[2] and alone[1] and alone[2]
+
+    results = await filters.run_filters(db, cfg, templates, candids)
+    by_filter: dict[int, set[int]] = {}
+    for candid, entries in results.passed.items():
+        for entry in entries:
+            by_filter.setdefault(entry["filter_id"], set()).add(candid)
+    assert {k: by_filter.get(k, set()) for k in (1, 2, 3)} == {k: set(v) for k, v in alone.items()}
+    assert by_filter[4] == set(candids) - {bad} and results.failures == 1
     await client.drop_database(cfg.database.db)
     await client.close()

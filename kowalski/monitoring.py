@@ -1,0 +1,92 @@
+"""Per-process measurements for benchmarks and diagnostics: database round trips (PyMongo command
+monitoring), CPU time and peak resident memory.
+
+`install()` registers one process-wide PyMongo `CommandListener`; it counts every command sent to a
+server (each is one round trip: `find`, `getMore`, `insert`, `aggregate`, ...) by command name, for
+every client created after the call. `snapshot()` returns the counts with this process's CPU time
+and peak RSS, as plain data that can cross process boundaries (e.g. `dask.Client.run`); `delta()`
+subtracts two snapshots of the same process.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import threading
+from collections import Counter
+from typing import Any
+
+from pymongo import monitoring
+
+
+class CommandCounter(monitoring.CommandListener):
+    """Counts started commands by name; thread-safe (drivers call it from several threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        with self._lock:
+            self.counts[event.command_name] += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        """Only starts are counted."""
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        """Only starts are counted."""
+
+    def copy(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+
+_COUNTER: CommandCounter | None = None
+_INSTALL_LOCK = threading.Lock()
+
+
+def install() -> CommandCounter:
+    """Register the process-wide counter once (idempotent); clients created later report to it."""
+    global _COUNTER
+    with _INSTALL_LOCK:
+        if _COUNTER is None:
+            _COUNTER = CommandCounter()
+            monitoring.register(_COUNTER)
+        return _COUNTER
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads) so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def snapshot() -> dict[str, Any]:
+    """{pid, cpu_s, peak_rss_mb, commands: {name: count}} of this process."""
+    return {
+        "pid": os.getpid(),
+        "cpu_s": cpu_seconds(),
+        "peak_rss_mb": peak_rss_mb(),
+        "commands": _COUNTER.copy() if _COUNTER is not None else {},
+    }
+
+
+def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What happened in one process between two snapshots (peak RSS is the later peak)."""
+    names = set(before["commands"]) | set(after["commands"])
+    commands = {
+        name: after["commands"].get(name, 0) - before["commands"].get(name, 0) for name in names
+    }
+    return {
+        "pid": after["pid"],
+        "cpu_s": after["cpu_s"] - before["cpu_s"],
+        "peak_rss_mb": after["peak_rss_mb"],
+        "commands": {name: n for name, n in sorted(commands.items()) if n},
+    }
