@@ -176,7 +176,7 @@ USER: web.RequestKey[User | None] = web.RequestKey("user")
 
 
 def current_user(request: web.Request) -> User:
-    user = request.get(USER)
+    user: User | None = request.get(USER)
     if user is None:
         raise Unauthorized("authentication required (header 'Authorization: Bearer <token>')")
     return user

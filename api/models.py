@@ -184,9 +184,15 @@ def sort_pairs(value: Any, field: str = "sort") -> list[tuple[str, Any]] | None:
     return out
 
 
-def radius_in_rad(value: Any, unit: Any, field: str) -> float:
+def radius_unit(unit: Any, field: str) -> str:
+    """`unit` if it is a known angle unit (a key of `RADIUS_TO_RAD`)."""
     if not isinstance(unit, str) or unit not in RADIUS_TO_RAD:
         raise BadRequest(f"{field} unit must be one of {sorted(RADIUS_TO_RAD)}, got {unit!r}")
+    return unit
+
+
+def radius_in_rad(value: Any, unit: Any, field: str) -> float:
+    unit = radius_unit(unit, field)
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
@@ -571,8 +577,9 @@ class NearQuery(Model):
     @field_validator("min_distance", "max_distance", mode="before")
     @classmethod
     def _distance(cls, value: Any, info: ValidationInfo) -> float:
-        units = info.data.get("distance_units")
-        return radius_in_rad(value, units, f"query.{info.field_name}") / RADIUS_TO_RAD[units]
+        field = f"query.{info.field_name}"
+        units = radius_unit(info.data.get("distance_units"), field)
+        return radius_in_rad(value, units, field) / RADIUS_TO_RAD[units]
 
     @model_validator(mode="after")
     def _max_not_below_min(self) -> NearQuery:

@@ -66,10 +66,10 @@ class DataRights:
     # ------------------------------------------------------------------ validation
 
     def check_catalog(self, catalog: Any, field: str = "query.catalog") -> str:
-        catalog = collection_name(catalog, field)
-        if catalog in self.protected and not self.admin:
-            raise Forbidden(f"Forbidden: {catalog} is a protected collection")
-        return catalog
+        name = collection_name(catalog, field)
+        if name in self.protected and not self.admin:
+            raise Forbidden(f"Forbidden: {name} is a protected collection")
+        return name
 
     def check_joins(self, pipeline: Sequence[Any]) -> None:
         """Collections a pipeline reads (at any depth) must be readable in full by this user."""

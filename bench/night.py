@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 from distributed import Client, WorkerPlugin
 
 from bench.nightdata import ZTF, Night
@@ -72,7 +73,7 @@ def services(workdir: Path) -> Iterator[Services]:
         if not uri:
             mongo = EmbeddedMongo(workdir / "db", free_port()).start()
             started.append(mongo)
-            uri, database = mongo.uri, f"embedded ({Path(mongo.process.args[0]).name})"  # type: ignore[union-attr,index]
+            uri, database = mongo.uri, f"embedded ({Path(str(mongo.process.args[0])).name})"  # type: ignore[union-attr,index]
             pids["database"] = mongo.process.pid  # type: ignore[union-attr]
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if not bootstrap:
@@ -177,7 +178,7 @@ def process_snapshots(client: Client) -> dict[str, Doc]:
 
 
 def server_cpu(pids: dict[str, int]) -> dict[str, float]:
-    import psutil
+    import psutil  # type: ignore[import-untyped]  # psutil ships no type stubs
 
     out = {}
     for role, pid in pids.items():

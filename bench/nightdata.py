@@ -222,7 +222,10 @@ def catalog_frame(spec: NightSpec, objects: list[NightObject], index: int) -> pd
     density = background_rows / max(len(fields), 1) / cap_sqdeg
     frames = [
         generate(
-            density, center=(f["ra"], f["dec"]), radius_deg=radius, seed=int(rng.integers(1e9))
+            density,
+            center=(f["ra"], f["dec"]),
+            radius_deg=radius,
+            seed=int(rng.integers(1_000_000_000)),
         )
         for f in fields
     ]

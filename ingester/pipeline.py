@@ -80,7 +80,8 @@ class BatchReport:
     messages: list[ResultMessage] = field(default_factory=list)
 
     def add(self, other: BatchReport) -> None:
-        for name in _counters(type(self)):
+        kind: type = type(self)  # a class is hashable (the dataclass's instances are not)
+        for name in _counters(kind):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for stage, seconds in other.seconds.items():
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds

@@ -32,7 +32,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 from ingester.results import ResultMessage, outbox_collection
 from kowalski import results
@@ -165,7 +166,7 @@ class Publisher:
                 failures.append(error)
 
         for message in messages:
-            headers = [
+            headers: list[tuple[str, str | bytes | None]] = [
                 (results.DEDUP_HEADER, message.dedup.encode()),
                 (results.SCHEMA_HEADER, results.schema_name().encode()),
             ]

@@ -87,7 +87,7 @@ def to_json(value: Any) -> str:
     return json_util.dumps(value, json_options=RELAXED_JSON_OPTIONS, allow_nan=True)
 
 
-def annotations(survey: Survey, output: Doc) -> Doc:
+def visible_annotations(survey: Survey, output: Doc) -> Doc:
     hidden = {"_id", "candid", survey.object_key}
     return {k: v for k, v in output.items() if k not in hidden}
 
@@ -127,7 +127,7 @@ def build_record(
         "passed_at": passed_at.replace(tzinfo=dt.UTC),
         "candidate": scalars(alert["candidate"]),
         "classifications": scalars(alert.get("classifications")),
-        "annotations": to_json(annotations(survey, entry.get("data") or {})),
+        "annotations": to_json(visible_annotations(survey, entry.get("data") or {})),
         "cross_matches": to_json(view.get("cross_matches") or {}),
         "light_curve": points(view.get("prv_candidates")) if options.lightcurve else None,
         "forced_photometry": (

@@ -49,7 +49,7 @@ def encode(record: dict[str, Any]) -> bytes:
 
 
 def decode(value: bytes) -> dict[str, Any]:
-    record: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(value), schema())  # type: ignore[call-arg,assignment]
+    record: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(value), schema())  # type: ignore[assignment]
     return record
 
 
@@ -147,12 +147,13 @@ def tail(
             if msg is None:
                 quiet += 1.0
                 continue
-            if msg.error():
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    print(f"kafka: {msg.error()}", file=sys.stderr)
+            error = msg.error()
+            if error:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    print(f"kafka: {error}", file=sys.stderr)
                 continue
             quiet = 0.0
-            yield (msg.key() or b"").decode(), decode(msg.value())
+            yield (msg.key() or b"").decode(), decode(msg.value() or b"")
     finally:
         consumer.close()
 

@@ -68,7 +68,8 @@ class Api:
     def token(self, username: str, password: str) -> str:
         r = requests.post(f"{self.url}/api/auth", json={"username": username, "password": password})
         assert r.status_code == 200, r.text
-        return r.json()["token"]
+        token: str = r.json()["token"]
+        return token
 
     def call(
         self, method: str, path: str, token: str | None = None, **kwargs: Any

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .apiclient import AppApi, decoded_alerts, loads
 
 
@@ -27,7 +29,7 @@ async def test_skymap_cone_put_query_delete(api: AppApi, users: dict[str, str]) 
         "GET", f"/api/skymap?dateobs=2020-02-02T12:00:00&localization_name={name}", token
     )
     assert got.status_code == 200 and "contour90" in got.json()["data"]["contours"]
-    q = {
+    q: dict[str, Any] = {
         "query_type": "skymap",
         "query": {
             "skymap": {"localization_name": name, "dateobs": "2020-02-02T12:00:00", "contour": 90},

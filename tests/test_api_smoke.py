@@ -75,7 +75,7 @@ def test_penquins_cone_search_returns_exactly_the_alerts_at_real_positions(api: 
 def test_cone_search_sexagesimal_and_list_forms(api: Api) -> None:
     k = api.penquins()
     # ZTF19abzrhgq at 71.6577756, -10.2263957 (upstream's documented example)
-    q = {
+    q: dict[str, Any] = {
         "query_type": "cone_search",
         "query": {
             "object_coordinates": {

@@ -4,6 +4,7 @@ report's shape is checked, never a timing."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 
@@ -69,7 +70,7 @@ def test_command_counter_counts_round_trips(mongo_uri: str) -> None:
 
     monitoring.install()
     before = monitoring.snapshot()
-    with MongoClient(mongo_uri) as client:
+    with MongoClient[dict[str, Any]](mongo_uri) as client:
         coll = client[f"monitoring_{uuid.uuid4().hex[:8]}"].things
         coll.insert_many([{"i": i} for i in range(10)])
         assert len(coll.find({}).to_list()) == 10

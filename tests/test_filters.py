@@ -194,14 +194,14 @@ async def test_filters_sharing_permissions_run_together_with_the_same_answers(
     cfg = build_config(
         [], {**test_environ, "KOWALSKI__database__db": f"filters_{uuid.uuid4().hex[:8]}"}
     )
-    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
     db = client[cfg.database.db]
     files = sorted((ZTF_ALERTS / "20200202").glob("*.avro"))
     packets = [Packet("t", 0, i, f.read_bytes()) for i, f in enumerate(files)]
     await Pipeline(cfg, db, {}).process(SURVEYS["ZTF"], packets)
     candids = [int(f.stem) for f in files]
     bad = candids[3]
-    shapes = {
+    shapes: dict[int, list[dict[str, Any]]] = {
         1: [{"$match": {"candidate.drb": {"$gt": 0.5}}}, {"$project": {"candid": 1}}],
         2: [{"$project": {"candid": 1, "annotations.n": {"$size": "$prv_candidates"}}}],
         3: [{"$match": {"candidate.magpsf": {"$lt": 19}}}, {"$project": {"_id": 0, "objectId": 1}}],

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 from distributed import Client
 from pymongo import MongoClient
+from pymongo.database import Database
 
 from ingester.consumer import Ingester
 from ingester.replay import replay
@@ -26,11 +27,14 @@ from kowalski.config import ROOT, Config, ConfigError, build_config
 from .conftest import ZTF_ALERTS
 from .test_ingestion import dask_client  # noqa: F401  (module fixture, reused)
 
-DRB = [
+DRB: list[dict[str, Any]] = [
     {"$match": {"candidate.drb": {"$gt": 0.9}}},
     {"$project": {"candid": 1, "objectId": 1, "drb": "$candidate.drb"}},
 ]
-EVERYTHING = [{"$match": {"candid": {"$gt": 0}}}, {"$project": {"candid": 1, "objectId": 1}}]
+EVERYTHING: list[dict[str, Any]] = [
+    {"$match": {"candid": {"$gt": 0}}},
+    {"$project": {"candid": 1, "objectId": 1}},
+]
 DEADLINE_S = 180.0
 
 
@@ -72,6 +76,17 @@ def topic_exists(kafka: str, topic: str) -> bool:
     return topic in AdminClient({"bootstrap.servers": kafka}).list_topics(timeout=30).topics
 
 
+def header_texts(msg: Message) -> dict[str, str]:
+    """A published record's headers, decoded (the publisher writes them as a list of bytes)."""
+    raw = msg.headers() or []
+    assert isinstance(raw, list), raw
+    texts: dict[str, str] = {}
+    for name, value in raw:
+        assert isinstance(value, bytes), (name, value)
+        texts[name] = value.decode()
+    return texts
+
+
 def read_all(kafka: str, topic: str, isolation: str = "read_committed") -> list[Published]:
     """Every message of `topic` up to its end (for read_committed: its last stable offset)."""
     if not topic_exists(kafka, topic):
@@ -95,12 +110,16 @@ def read_all(kafka: str, topic: str, isolation: str = "read_committed") -> list[
             msg = consumer.poll(1.0)
             if msg is None:
                 continue
-            if msg.error():
-                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
-                at_end.add(msg.partition())
+            error = msg.error()
+            if error:
+                assert error.code() == KafkaError._PARTITION_EOF, error
+                partition = msg.partition()
+                assert partition is not None
+                at_end.add(partition)
                 continue
-            headers = {k: v.decode() for k, v in msg.headers() or []}
-            out.append(Published(msg.key().decode(), results.decode(msg.value()), headers))
+            key, value = msg.key(), msg.value()
+            assert key is not None and value is not None
+            out.append(Published(key.decode(), results.decode(value), header_texts(msg)))
         assert len(at_end) == len(partitions), f"{topic}: end not reached"
         return out
     finally:
@@ -127,7 +146,7 @@ def streamed(
 ) -> tuple[Config, Any, Ingester]:
     tag = uuid.uuid4().hex[:8]
     cfg = build_config([], results_env(test_environ, kafka_bootstrap, tag))
-    db = MongoClient(mongo_uri)[cfg.database.db]
+    db: Database[dict[str, Any]] = MongoClient(mongo_uri)[cfg.database.db]
     db.filters.insert_many(
         [
             filter_doc(1, DRB, stream={"active": True, "cutouts": True, "lightcurve": True}),
@@ -210,7 +229,7 @@ def test_disabling_stream_stops_publishing_from_the_next_batch(
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     cfg = build_config([], results_env(test_environ, kafka_bootstrap, tag))
-    db = MongoClient(mongo_uri)[cfg.database.db]
+    db: Database[dict[str, Any]] = MongoClient(mongo_uri)[cfg.database.db]
     db.filters.insert_one(filter_doc(1, EVERYTHING, stream=True))
     topic = results.topic_for(cfg, 1, "ZTF")
     nights = [sorted((ZTF_ALERTS / night).glob("*.avro")) for night in ("20200202", "20231012")]
@@ -327,7 +346,7 @@ def process_env(
         PYTHONPATH=str(ROOT),
     )
     cfg = build_config([], env)
-    db = MongoClient(mongo_uri)[cfg.database.db]
+    db: Database[dict[str, Any]] = MongoClient(mongo_uri)[cfg.database.db]
     db.filters.insert_one(filter_doc(1, DRB, stream=True))
     replay(kafka_bootstrap, ztf_packets(), suffix=f"_{tag}", progress=False)
     return env, cfg, db, tag
