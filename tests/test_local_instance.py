@@ -199,7 +199,10 @@ def test_replay_produces_to_the_local_kafka(local: Local) -> None:
 
 def test_bench_quickest_mode_uses_the_local_instance(local: Local, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    result = run_cli("bench", "--rounds", "1", "--out", str(out), env=local.env, timeout=900)
+    # the quickest mode: the micro benchmarks, one round (the default is the night benchmark)
+    result = run_cli(
+        "bench", "--micro", "--rounds", "1", "--out", str(out), env=local.env, timeout=900
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     database = json.loads(out.read_text())["machine"]["database"]
     assert database.startswith(f"the running local instance (pid {local.state.pid}")
