@@ -36,7 +36,8 @@ from bench.nightdata import (
     reset_archive,
 )
 from bench.profile import run_profile
-from kowalski.config import ROOT, Config, build_config
+from kowalski.config import CONFIGURED, ROOT, Config, build_config, user_files
+from kowalski.connectivity import one_line_errors, require_database
 
 Doc = dict[str, Any]
 TARGETS = (  # (name, result path, goal, "max" or "min") from issue #9
@@ -293,10 +294,20 @@ def table(results: Doc) -> str:
     return "\n".join(lines)
 
 
+def check_given_database() -> None:
+    """A database given by MONGODB_URI (or a running `up --local`) must answer: one line and exit
+    status 1 if not, before any work (without one, the benchmark starts an embedded server)."""
+    cfg = build_config(user_files(), {**os.environ, "KOWALSKI__server__insecure_dev": "true"})
+    if cfg.origin("database") != CONFIGURED["database"]:
+        with one_line_errors(cfg):
+            require_database(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.micro:
         return run_micro(args.rounds, args.out or ROOT / "var" / "bench.json")
+    check_given_database()
     if args.profile:
         summary = profile_bench(args, args.out or ROOT / "var" / "bench-night.pstats")
         print(json.dumps(summary["profile"], indent=2))
