@@ -27,8 +27,8 @@ from typing import Any
 from bson import Binary, json_util
 from bson.json_util import RELAXED_JSON_OPTIONS
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 
+from ingester.archive import insert_ignoring_duplicates
 from kowalski import results
 from kowalski.config import Config
 from kowalski.filtering import full_pipeline
@@ -221,19 +221,7 @@ async def record_passes(
                 "created_at": now,
             }
         )
-    return await insert_new(db[outbox_collection(cfg)], docs)
-
-
-async def insert_new(coll: Any, docs: list[Doc]) -> int:
-    """Insert, keeping documents already there (the first decision about a pass wins)."""
-    try:
-        inserted = await coll.insert_many(docs, ordered=False)
-        return len(inserted.inserted_ids)
-    except BulkWriteError as exc:
-        errors = exc.details.get("writeErrors", [])
-        if any(e.get("code") != 11000 for e in errors):
-            raise
-        return int(exc.details.get("nInserted", len(docs) - len(errors)))
+    return await insert_ignoring_duplicates(db[outbox_collection(cfg)], docs)
 
 
 async def pending(

@@ -35,11 +35,11 @@ from typing import Any
 from pymongo import UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
+from ingester.archive import insert_ignoring_duplicates
 from ingester.skyportal_client import Deferred, Rejected, SkyPortalClient, base_url
 from ingester.skyportal_outbox import (
     PENDING,
     insert_entries,
-    insert_new,
     objects_name,
     utcnow,
 )
@@ -289,7 +289,7 @@ class FeedStage:
             }
             for obj, candid in fresh.items()
         ]
-        await insert_new(self.db[objects_name(self.cfg)], docs)
+        await insert_ignoring_duplicates(self.db[objects_name(self.cfg)], docs)
         return await self._states(survey, list(fresh))
 
     async def _history(

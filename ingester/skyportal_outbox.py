@@ -18,10 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from pymongo import ASCENDING
-from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 
+from ingester.archive import insert_ignoring_duplicates
 from kowalski.config import Config
 
 Doc = dict[str, Any]
@@ -54,21 +53,7 @@ async def ensure_indexes(db: AsyncDatabase[Doc], cfg: Config) -> None:
 
 async def insert_entries(db: AsyncDatabase[Doc], cfg: Config, entries: Sequence[Doc]) -> int:
     """One bulk write; entries decided before (same _id) are kept as they are."""
-    return await insert_new(db[outbox_name(cfg)], entries)
-
-
-async def insert_new(coll: AsyncCollection[Doc], entries: Sequence[Doc]) -> int:
-    """Insert what is not there yet (by _id); any error but a duplicate key raises."""
-    if not entries:
-        return 0
-    try:
-        result = await coll.insert_many(list(entries), ordered=False)
-        return len(result.inserted_ids)
-    except BulkWriteError as exc:
-        errors = exc.details.get("writeErrors", [])
-        if any(e.get("code") != 11000 for e in errors):
-            raise
-        return int(exc.details.get("nInserted", len(entries) - len(errors)))
+    return await insert_ignoring_duplicates(db[outbox_name(cfg)], entries)
 
 
 async def status(db: AsyncDatabase[Doc], cfg: Config) -> Doc:
