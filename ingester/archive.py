@@ -1,5 +1,5 @@
-"""Stage: store a batch: dedup (one query), per-object history (aux) merged and written with
-optimistic concurrency, alerts inserted in bulk.
+"""Stage: store a batch: dedup (one query), per-object history (aux) merged and written in one
+bulk with optimistic concurrency (a revision per document), alerts inserted in bulk.
 
 Order matters for crash safety: aux first (its merges are idempotent), then alerts (a unique
 candid: inserting one again is a no-op). An alert is complete only once the whole pipeline ran on
@@ -14,14 +14,15 @@ failed) is matched with the object's next alert; a failed query is never stored 
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from bson import ObjectId
+from pymongo import InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
+from pymongo.errors import BulkWriteError, OperationFailure
 
 from ingester.mongify import (
     Parts,
@@ -38,7 +39,6 @@ CrossMatcher = Callable[
     [list[tuple[float, float]], list[set[str]]], Awaitable[list[dict[str, list[Doc]]]]
 ]
 MAX_ATTEMPTS = 20
-WRITE_CONCURRENCY = 32
 HANDOFFS = "handoffs"  # default name of the completion ledger (config: database.collections)
 # server states (shutdown, step-down, not primary), not faults of a query: the batch is retried
 SERVER_STATE_CODES = frozenset({91, 189, 10107, 11600, 11602, 13435, 13436})
@@ -123,11 +123,15 @@ async def store_aux(
     catalogs: Sequence[str],
     cross_match: CrossMatcher,
 ) -> dict[str, int]:
-    """Merge the batch into `<survey>_alerts_aux`; returns counts of new/updated objects."""
+    """Merge the batch into `<survey>_alerts_aux`; returns counts of new/updated objects.
+
+    Three round trips per batch when nobody else writes the same objects: one `find` of the stored
+    documents, the cross-matches (one query per catalog), one unordered `bulk_write` of every
+    object's insert or revision-checked update. Objects another writer changed in between are read
+    and merged again (idempotent merges), up to MAX_ATTEMPTS times."""
     groups = group_by_object(survey, parts)
     pending = dict(groups)
     counts = {"new_objects": 0, "updated_objects": 0}
-    semaphore = asyncio.Semaphore(WRITE_CONCURRENCY)
     for _ in range(MAX_ATTEMPTS):
         if not pending:
             return counts
@@ -147,43 +151,37 @@ async def store_aux(
             if todo
             else {}
         )
-
-        done = await asyncio.gather(
-            *(
-                _bounded(
-                    semaphore,
-                    _write_object(
-                        aux, survey, oid, group, stored.get(oid), matches.get(oid), counts
-                    ),
-                )
-                for oid, group in pending.items()
-            )
-        )
-        pending = {oid: pending[oid] for oid, ok in zip(list(pending), done, strict=True) if not ok}
+        revision = str(ObjectId())
+        writes = {
+            oid: object_write(survey, oid, group, stored.get(oid), matches.get(oid), revision)
+            for oid, group in pending.items()
+        }
+        lost = await _write_objects(aux, writes, revision)
+        for oid in writes.keys() - lost:
+            counts["updated_objects" if oid in stored else "new_objects"] += 1
+        pending = {oid: pending[oid] for oid in pending if oid in lost}
     raise RuntimeError(f"aux update kept conflicting for objects {sorted(pending)[:5]}")
 
 
-async def _bounded(semaphore: asyncio.Semaphore, write: Awaitable[bool]) -> bool:
-    async with semaphore:
-        return await write
+AuxWrite = InsertOne[Doc] | UpdateOne
 
 
-async def _write_object(
-    aux: AsyncCollection[Doc],
+def object_write(
     survey: Survey,
     oid: Any,
     group: list[Parts],
     stored: Doc | None,
     new_matches: dict[str, list[Doc]] | None,
-    counts: dict[str, int],
-) -> bool:
-    """One object's aux write; False when another writer got there first (caller retries)."""
+    revision: str,
+) -> AuxWrite:
+    """One object's aux write: an insert for a new object, else an update that applies only if
+    the document is still the revision that was read (`_rev`); either sets `_rev` to `revision`."""
     prv, fp = _new_history(survey, group)
     latest = _latest_fields(group, stored)
     if stored is None:
         doc: Doc = {
             "_id": oid,
-            "_rev": 1,
+            "_rev": revision,
             "prv_candidates": prv,
             "cross_matches": new_matches or {},
             **latest,
@@ -191,13 +189,9 @@ async def _write_object(
         first = min(group, key=lambda p: p.alert["candidate"]["jd"]).alert["candidate"]
         if fp and keep_fp_hists_for_new_object(first):
             doc["fp_hists"] = fp
-        try:
-            await aux.insert_one(doc)
-        except DuplicateKeyError:
-            return False
-        counts["new_objects"] += 1
-        return True
+        return InsertOne(doc)
     update: Doc = {
+        "_rev": revision,
         "prv_candidates": merge_prv_candidates(
             stored.get("prv_candidates", []), prv, survey.history_key
         ),
@@ -208,12 +202,31 @@ async def _write_object(
     if new_matches:
         for catalog, found in new_matches.items():
             update[f"cross_matches.{catalog}"] = found
-    rev = stored.get("_rev")
-    result = await aux.update_one({"_id": oid, "_rev": rev}, {"$set": update, "$inc": {"_rev": 1}})
-    if result.matched_count == 0:
-        return False
-    counts["updated_objects"] += 1
-    return True
+    # a document without `_rev` (restored from elsewhere) matches `_rev: None`
+    return UpdateOne({"_id": oid, "_rev": stored.get("_rev")}, {"$set": update})
+
+
+async def _write_objects(
+    aux: AsyncCollection[Doc], writes: dict[Any, AuxWrite], revision: str
+) -> set[Any]:
+    """Apply the writes in one unordered bulk; returns the objects whose write lost a race (an
+    insert of an object stored meanwhile, an update of a document changed meanwhile)."""
+    oids = list(writes)
+    lost: set[Any] = set()
+    try:
+        result = await aux.bulk_write(list(writes.values()), ordered=False)
+        matched = result.matched_count
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if any(e.get("code") != 11000 for e in errors):
+            raise
+        lost = {oids[e["index"]] for e in errors}
+        matched = int(exc.details.get("nMatched", 0))
+    updates = [oid for oid, op in writes.items() if isinstance(op, UpdateOne)]
+    if matched < len(updates):  # some documents changed since read: ask which, in one query
+        now = aux.find({"_id": {"$in": updates}}, {"_rev": 1})
+        lost |= {d["_id"] for d in await now.to_list() if d.get("_rev") != revision}
+    return lost
 
 
 async def insert_ignoring_duplicates(coll: AsyncCollection[Doc], docs: Sequence[Doc]) -> int:
