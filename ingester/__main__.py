@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import Any
 
-from ingester.consumer import Ingester, enabled_surveys, start_cluster
+from ingester.consumer import Ingester, close_cluster, enabled_surveys, start_cluster
 from kowalski.config import load_config_or_exit
 from kowalski.surveys import SURVEYS
 from kowalski.testing.kafka import broker_ready
@@ -96,10 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         setup = setup_or_exit(cfg, surveys)
         feed, delivery = FeedFactory(cfg, setup), DeliveryThread(cfg, setup).start()
     try:
-        with start_cluster(cfg, processes=not args.threads) as client:
+        client = start_cluster(cfg, processes=not args.threads)
+        try:
             ingester = Ingester(cfg, client, bootstrap, surveys, handoff=feed)
             logging.getLogger("kowalski.ingester").info("consuming %s", ingester.patterns)
             report = ingester.run(stop=stop, until_idle=args.until_idle)
+        finally:
+            close_cluster(client)
     finally:
         if delivery is not None:
             logging.getLogger("kowalski.ingester").info("SkyPortal feed: %s", delivery.stop())

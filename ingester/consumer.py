@@ -100,14 +100,17 @@ class WorkerRuntime:
         return state
 
     def close(self) -> None:
-        for loop, client in self._states:
-            try:
-                if not loop.is_running() and not loop.is_closed():
-                    loop.run_until_complete(client.close())
-                    _finish_loop(loop)
-            except RuntimeError as exc:  # loop owned by a thread that is gone
-                log.debug("closing a worker database client: %s", exc)
-        self._states.clear()
+        """Close each thread's client on its own loop, then the loop. Run it in a thread where no
+        loop is running (not the dask worker's event loop: `asyncio.to_thread` in `teardown`)."""
+        states, self._states = self._states, []
+        for loop, client in states:
+            if loop.is_closed():
+                continue
+            if loop.is_running():  # a batch still in flight in its thread: its client stays open
+                log.warning("a worker database client is busy at shutdown and is left open")
+                continue
+            loop.run_until_complete(client.close())
+            _finish_loop(loop)
 
     def run(self, survey: str, packets: list[Packet]) -> BatchReport:
         loop, pipeline = self.pipeline()
@@ -131,10 +134,12 @@ class IngesterPlugin(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         _RUNTIMES[(worker.address, self.name)] = WorkerRuntime(self.cfg, self.handoff)
 
-    def teardown(self, worker: Any) -> None:
+    async def teardown(self, worker: Any) -> None:
+        """Called on the worker's event loop, where the runtime's loops cannot run: they are
+        closed from a thread of their own."""
         runtime = _RUNTIMES.pop((worker.address, self.name), None)
         if runtime is not None:
-            runtime.close()
+            await asyncio.to_thread(runtime.close)
 
 
 def process_packets(runtime: str, survey: str, packets: list[Packet]) -> BatchReport:
@@ -337,6 +342,15 @@ def start_cluster(cfg: Config, processes: bool = True) -> Client:
         silence_logs=logging.WARNING,
     )
     return Client(cluster)
+
+
+def close_cluster(client: Client) -> None:
+    """Close a client from `start_cluster` and the LocalCluster it started (a client does not
+    close a cluster it was handed): the workers' teardown closes their database clients."""
+    cluster = client.cluster
+    client.close()
+    if cluster is not None:
+        cluster.close()
 
 
 def enabled_surveys(cfg: Config) -> list[str]:
