@@ -53,16 +53,18 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
     if default_secrets(cfg):
         log.warning("insecure_dev: serving with default %s", " and ".join(default_secrets(cfg)))
     client = async_client(cfg)
-    app[MONGO] = client
-    app[DB] = client[cfg.database.db]
-    await ensure_admin(app)
-    filters_coll = app[DB][cfg.database.collections["filters"]]
-    await create_index(filters_coll, [("filter_id", 1)], "filter_id", unique=True)
-    if cfg.database.build_indexes:
-        for key in ("skymaps", "alerts_ztf_classifications"):
-            await ensure_indexes(app[DB], cfg, cfg.database.collections[key])
-    yield
-    await client.close()
+    try:  # closed on this loop also when the startup below fails
+        app[MONGO] = client
+        app[DB] = client[cfg.database.db]
+        await ensure_admin(app)
+        filters_coll = app[DB][cfg.database.collections["filters"]]
+        await create_index(filters_coll, [("filter_id", 1)], "filter_id", unique=True)
+        if cfg.database.build_indexes:
+            for key in ("skymaps", "alerts_ztf_classifications"):
+                await ensure_indexes(app[DB], cfg, cfg.database.collections[key])
+        yield
+    finally:
+        await client.close()
 
 
 def routes(app: web.Application) -> None:

@@ -125,6 +125,19 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**base, **extra}
 
 
+# what a leaked async client (or a loop closed under it) prints in a process's output
+LEAK_MESSAGES = (
+    "Task was destroyed but it is pending",
+    "was never awaited",
+    "There is no current event loop",
+)
+
+
+def leak_messages(output: str) -> list[str]:
+    """The lines of a subprocess's output that tell of a leaked async client."""
+    return [line for line in output.splitlines() if any(m in line for m in LEAK_MESSAGES)]
+
+
 def found(doc: dict[str, Any] | None) -> dict[str, Any]:
     """A document a test expects to be there (find_one's None fails the test here)."""
     assert doc is not None, "document not found"

@@ -121,7 +121,7 @@ async def test_filters_autosave_followup_and_handoff(
 
 
 async def test_a_filter_failing_on_one_alert_is_split_down_and_only_that_alert_fails(
-    test_environ: dict[str, str], mongo_uri: str
+    test_environ: dict[str, str], mongo: AsyncMongoClient[dict[str, Any]]
 ) -> None:
     """A real aggregation error on one alert only ($divide by zero where the candid is that
     alert's): the batch run fails, is split down to single alerts, the other alerts are filtered
@@ -129,8 +129,7 @@ async def test_a_filter_failing_on_one_alert_is_split_down_and_only_that_alert_f
     db_name = f"filters_{uuid.uuid4().hex[:8]}"
     environ = {**test_environ, "KOWALSKI__database__db": db_name}
     cfg = build_config([], environ)
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
-    db = client[cfg.database.db]
+    db = mongo[cfg.database.db]
     files = sorted((ZTF_ALERTS / "20200202").glob("*.avro"))
     packets = [Packet("t", 0, i, f.read_bytes()) for i, f in enumerate(files)]
     bad = int(files[5].stem)  # the file name is the alert's candid
@@ -182,20 +181,18 @@ async def test_a_filter_failing_on_one_alert_is_split_down_and_only_that_alert_f
     assert again.filter_failures == 1, again
     assert len(handed) == 2 and set(handed[1]) == candids - {bad}, (len(handed), again)
     assert await db.filter_runs.count_documents({"filter_id": 7}) == len(runs)
-    await client.drop_database(cfg.database.db)
-    await client.close()
+    await mongo.drop_database(cfg.database.db)
 
 
 async def test_filters_sharing_permissions_run_together_with_the_same_answers(
-    test_environ: dict[str, str], mongo_uri: str
+    test_environ: dict[str, str], mongo: AsyncMongoClient[dict[str, Any]]
 ) -> None:
     """Filters with the same permissions share one `$facet` run; its answers equal each filter run
     alone, a filter dropping candid or failing on one alert falls back to running alone."""
     cfg = build_config(
         [], {**test_environ, "KOWALSKI__database__db": f"filters_{uuid.uuid4().hex[:8]}"}
     )
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
-    db = client[cfg.database.db]
+    db = mongo[cfg.database.db]
     files = sorted((ZTF_ALERTS / "20200202").glob("*.avro"))
     packets = [Packet("t", 0, i, f.read_bytes()) for i, f in enumerate(files)]
     await Pipeline(cfg, db, {}).process(SURVEYS["ZTF"], packets)
@@ -232,5 +229,4 @@ async def test_filters_sharing_permissions_run_together_with_the_same_answers(
             by_filter.setdefault(entry["filter_id"], set()).add(candid)
     assert {k: by_filter.get(k, set()) for k in (1, 2, 3)} == {k: set(v) for k, v in alone.items()}
     assert by_filter[4] == set(candids) - {bad} and results.failures == 1
-    await client.drop_database(cfg.database.db)
-    await client.close()
+    await mongo.drop_database(cfg.database.db)

@@ -359,7 +359,7 @@ def test_two_ingesters_share_partitions(
 
 
 async def test_a_catalog_that_cannot_be_queried_is_left_unmatched_and_matched_later(
-    test_environ: dict[str, str], mongo_uri: str
+    test_environ: dict[str, str], mongo: AsyncMongoClient[dict[str, Any]]
 ) -> None:
     """A configured catalog whose query the database refuses (an invalid operator in its
     configured filter): no alert is stored as "matched, nothing found"; the catalog stays absent
@@ -367,8 +367,7 @@ async def test_a_catalog_that_cannot_be_queried_is_left_unmatched_and_matched_la
     cfg = build_config(
         [], {**test_environ, "KOWALSKI__database__db": f"xmatch_{uuid.uuid4().hex[:8]}"}
     )
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
-    db = client[cfg.database.db]
+    db = mongo[cfg.database.db]
     day = ZTF_ALERTS / "20200202"
     later = day / "1127536316315015004.avro"  # the second alert of ZTF20aaelulx (same object)
     first = [p for p in sorted(day.glob("*.avro")) if p != later]
@@ -391,12 +390,11 @@ async def test_a_catalog_that_cannot_be_queried_is_left_unmatched_and_matched_la
     assert report.xmatch_failures == 0
     doc = found(await db.ZTF_alerts_aux.find_one({"_id": alert["objectId"]}))
     assert [m["_id"] for m in doc["cross_matches"]["Nearby"]] == [1]
-    await client.drop_database(cfg.database.db)
-    await client.close()
+    await mongo.drop_database(cfg.database.db)
 
 
 async def test_ml_failures_are_counted_and_scores_left_absent(
-    test_environ: dict[str, str], mongo_uri: str
+    test_environ: dict[str, str], mongo: AsyncMongoClient[dict[str, Any]]
 ) -> None:
     """Two real model failures: braai configured with another model's ONNX file (ACAI's, which
     wants features too, so every braai call fails), and one real packet altered so its science
@@ -410,8 +408,7 @@ async def test_ml_failures_are_counted_and_scores_left_absent(
         },
     )
     models = load_models(cfg)
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
-    db = client[cfg.database.db]
+    db = mongo[cfg.database.db]
     paths = sorted((ZTF_ALERTS / "20200202").glob("*.avro"))
     broken = int(paths[0].stem)
 
@@ -431,5 +428,4 @@ async def test_ml_failures_are_counted_and_scores_left_absent(
         assert "braai" not in scores
         if candid != broken:
             assert 0 < scores["acai_h"] < 1 and "bts" in scores
-    await client.drop_database(cfg.database.db)
-    await client.close()
+    await mongo.drop_database(cfg.database.db)

@@ -24,7 +24,7 @@ from ingester.replay import replay
 from kowalski import results
 from kowalski.config import ROOT, Config, ConfigError, build_config
 
-from .conftest import ZTF_ALERTS
+from .conftest import ZTF_ALERTS, leak_messages
 from .test_ingestion import dask_client  # noqa: F401  (module fixture, reused)
 
 DRB: list[dict[str, Any]] = [
@@ -375,8 +375,9 @@ def test_exactly_once_across_kills(
     assert run_ingester_process(env, log, "after_commit") == -9
     after_c = committed()
     assert after_c and len(everything()) > len(after_c)
-    # (d) to the end
+    # (d) to the end, and shut down without leaking a database client
     assert run_ingester_process(env, log, None) == 0, log.read_text()[-3000:]
+    assert leak_messages(log.read_text().rsplit("=== run", 1)[-1]) == []
 
     assert db.ZTF_alerts.count_documents({}) == 38
     expected = passed_by_filter_runs(db, 1)

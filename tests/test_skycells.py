@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -142,11 +142,11 @@ def sync_db(mongo_uri: str) -> Iterator[Database[dict[str, Any]]]:
 
 
 @pytest.fixture
-async def async_db(mongo_uri: str, sync_db: Database[dict[str, Any]]) -> AsyncIterator[Any]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
+async def async_db(
+    mongo: AsyncMongoClient[dict[str, Any]], sync_db: Database[dict[str, Any]]
+) -> Any:
     cones.forget_cell_checks()
-    yield client[sync_db.name]
-    await client.close()
+    return mongo[sync_db.name]
 
 
 # ---------------------------------------------------------------- the cell module alone
