@@ -7,11 +7,13 @@ Nothing here mocks either server.
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,53 @@ def clean_env(**extra: str) -> dict[str, str]:
         if not k.startswith(("KOWALSKI", "MONGODB_URI", "KAFKA_BOOTSTRAP"))
     }
     return {**base, **extra}
+
+
+class DestroyedTasks(logging.Handler):
+    """Records asyncio's `Task was destroyed but it is pending!`: a task garbage-collected while
+    pending, e.g. a background task of a database client left open when its loop went away."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Task was destroyed but it is pending"):
+            self.messages.append(message)
+
+
+DESTROYED_TASKS = DestroyedTasks()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    logging.getLogger("asyncio").addHandler(DESTROYED_TASKS)
+
+
+# What a leaked async client leaves behind shows up when it is garbage-collected: collected after
+# each test (and after each module's fixtures), it fails the test that leaked it, through
+# pytest's unraisable exceptions (errors by pyproject.toml) and the destroyed tasks (below).
+@pytest.fixture(autouse=True)
+def collect_test_garbage() -> Iterator[None]:
+    yield
+    gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def collect_module_garbage() -> Iterator[None]:
+    yield
+    gc.collect()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None]:
+    """A test during which asyncio destroyed a pending task fails, after pytest has reported the
+    unraisable exceptions that usually come with it."""
+    try:
+        yield
+    finally:
+        destroyed, DESTROYED_TASKS.messages = DESTROYED_TASKS.messages, []
+    assert destroyed == [], "\n".join(destroyed)
 
 
 # what a leaked async client (or a loop closed under it) prints in a process's output

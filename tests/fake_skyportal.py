@@ -99,6 +99,7 @@ class FakeSkyPortal:
         self.stop()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
 
     async def _start(self) -> None:
         app = web.Application(middlewares=[self._middleware])
