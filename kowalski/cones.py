@@ -19,7 +19,9 @@ from kowalski.coords import cone_clause, great_circle_distance
 from kowalski.skycells import CELL_FIELD, cone_cell_clause, cones_cell_clause, is_cell_index
 
 GEO_FIELD = "coordinates.radec_geojson"
-POSITIONS_PER_QUERY = 64
+POSITIONS_PER_QUERY = 64  # `$geoWithin` cones per `$or` query (collections without cells)
+# positions per query when their merged cell ranges pre-select: one query for a whole batch
+POSITIONS_PER_CELL_QUERY = 1024
 TOLERANCE = 1 + 1e-9
 CELL_CHECK_TTL_S = 60.0
 Doc = dict[str, Any]
@@ -110,12 +112,9 @@ def strip_position(doc: Doc) -> Doc:
 
 
 def chunks(
-    positions: Sequence[tuple[float, float]],
+    positions: Sequence[tuple[float, float]], size: int = POSITIONS_PER_QUERY
 ) -> list[tuple[int, Sequence[tuple[float, float]]]]:
-    return [
-        (start, positions[start : start + POSITIONS_PER_QUERY])
-        for start in range(0, len(positions), POSITIONS_PER_QUERY)
-    ]
+    return [(start, positions[start : start + size]) for start in range(0, len(positions), size)]
 
 
 def any_cone(
@@ -156,7 +155,8 @@ async def search(
     of positions; `find` must return documents with their position (see
     projection_with_position). `cells`: the collection has sky cells (see has_cells)."""
     out: list[list[tuple[Doc, float]]] = []
-    for _, chunk in chunks(positions):
+    size = POSITIONS_PER_CELL_QUERY if cells else POSITIONS_PER_QUERY
+    for _, chunk in chunks(positions, size):
         query = and_filters(any_cone(chunk, radius_rad, cells), extra_filter)
         out.extend(assign(await find(query), chunk, radius_rad))
     return out
