@@ -23,7 +23,7 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
-from ingester.archive import database_unavailable
+from ingester.archive import ONE_REPLY, database_unavailable
 from kowalski import cones
 from kowalski.cones import projection_with_position
 from kowalski.config import XMatchCatalog
@@ -65,7 +65,7 @@ async def match_catalog(
     )
 
     async def find(query: dict[str, Any]) -> list[dict[str, Any]]:
-        return await db[catalog].find(query, projection).to_list()
+        return await db[catalog].find(query, projection, batch_size=ONE_REPLY).to_list()
 
     results: list[list[dict[str, Any]]] = []
     cells = await cones.has_cells(db[catalog])
