@@ -23,7 +23,7 @@ POSITIONS_PER_QUERY = 64  # `$geoWithin` cones per `$or` query (collections with
 # positions per query when their merged cell ranges pre-select: one query for a whole batch
 POSITIONS_PER_CELL_QUERY = 1024
 TOLERANCE = 1 + 1e-9
-CELL_CHECK_TTL_S = 60.0
+CELL_CHECK_TTL_S = 300.0  # as often as the ingester reloads its filters
 Doc = dict[str, Any]
 _cell_checks: dict[tuple[int, str], tuple[float, bool]] = {}
 
