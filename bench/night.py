@@ -332,7 +332,8 @@ def run_mode(
         "stage_ms_per_alert": {k: v * per_alert for k, v in report.seconds.items()},
         "client_cpu_ms_per_alert": sum(p["cpu_s"] for p in processes.values()) * per_alert,
         "round_trips_per_alert": sum(commands.values()) / max(n, 1),
-        "round_trips_by_command": dict(sorted(commands.items(), key=lambda kv: -kv[1])),
+        "round_trips_by_command": monitoring.by_command(commands),
+        "round_trips_by_target": dict(sorted(commands.items(), key=lambda kv: -kv[1])),
         "latency_ms": latency_ms(produced, stored_times(cfg)),
         "processes": processes,
         "server_cpu_ms_per_alert": {

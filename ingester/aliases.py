@@ -49,7 +49,7 @@ async def matches_in(
     async def find(query: Doc) -> list[Doc]:
         return await coll.find(query, projection).to_list()
 
-    found = await cones.search(find, positions, radius_rad)
+    found = await cones.search(find, positions, radius_rad, cells=await cones.has_cells(coll))
     return [{doc[other.object_key] for doc, _ in hits} for hits in found]
 
 

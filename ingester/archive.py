@@ -39,6 +39,9 @@ CrossMatcher = Callable[
     [list[tuple[float, float]], list[set[str]]], Awaitable[list[dict[str, list[Doc]]]]
 ]
 MAX_ATTEMPTS = 20
+# a batch's reads ask for every document in the first reply (up to the server's 16 MB), not the
+# default 101 documents followed by `getMore` round trips
+ONE_REPLY = 100_000
 HANDOFFS = "handoffs"  # default name of the completion ledger (config: database.collections)
 # server states (shutdown, step-down, not primary), not faults of a query: the batch is retried
 SERVER_STATE_CODES = frozenset({91, 189, 10107, 11600, 11602, 13435, 13436})
@@ -135,7 +138,8 @@ async def store_aux(
     for _ in range(MAX_ATTEMPTS):
         if not pending:
             return counts
-        stored = {d["_id"]: d for d in await aux.find({"_id": {"$in": list(pending)}}).to_list()}
+        found = aux.find({"_id": {"$in": list(pending)}}, batch_size=ONE_REPLY)
+        stored = {d["_id"]: d for d in await found.to_list()}
         # cross-match objects that are new, or lack a catalog configured since they were stored
         need = {
             oid: set(catalogs) - set((stored.get(oid) or {}).get("cross_matches", {}))

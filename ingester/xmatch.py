@@ -1,7 +1,8 @@
 """Stage: cross-match a batch of positions against the configured catalogs.
 
-One query per catalog per batch (an `$or` of `$geoWithin/$centerSphere` cones on
-`coordinates.radec_geojson`), matches assigned to each position by great-circle distance.
+One query per catalog per batch, the catalogs' queries concurrently (kowalski/cones.py: merged
+sky-cell ranges, or an `$or` of `$geoWithin/$centerSphere` cones on `coordinates.radec_geojson`),
+matches assigned to each position by great-circle distance.
 Distance-based catalogs (CLU, NED) use a coarse cone, then a per-galaxy radius.
 
 A catalog whose query fails is never reported as "no match": if the database refuses the query
@@ -12,6 +13,7 @@ if the database is unreachable the error propagates and the batch is retried.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Sequence
@@ -21,7 +23,7 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
-from ingester.archive import database_unavailable
+from ingester.archive import ONE_REPLY, database_unavailable
 from kowalski import cones
 from kowalski.cones import projection_with_position
 from kowalski.config import XMatchCatalog
@@ -63,7 +65,7 @@ async def match_catalog(
     )
 
     async def find(query: dict[str, Any]) -> list[dict[str, Any]]:
-        return await db[catalog].find(query, projection).to_list()
+        return await db[catalog].find(query, projection, batch_size=ONE_REPLY).to_list()
 
     results: list[list[dict[str, Any]]] = []
     cells = await cones.has_cells(db[catalog])
@@ -109,20 +111,25 @@ async def cross_match(
     """Matches per position for every configured catalog (or the subset `only[i]`). A catalog the
     database refuses to query is left out and named in `failed`; connection errors propagate."""
     result = CrossMatches([{} for _ in positions])
-    for catalog, spec in catalogs.items():
-        wanted = [i for i in range(len(positions)) if only is None or catalog in only[i]]
-        if not wanted:
-            continue
-        try:
-            matches = await match_catalog(db, catalog, spec, [positions[i] for i in wanted])
-        except OperationFailure as exc:
-            if database_unavailable(exc):
-                raise
+    wanted = {
+        catalog: [i for i in range(len(positions)) if only is None or catalog in only[i]]
+        for catalog in catalogs
+    }
+    asked = [catalog for catalog, indices in wanted.items() if indices]
+    # the catalogs' queries run concurrently: the batch waits for the slowest, not for the sum
+    answers = await asyncio.gather(
+        *(match_catalog(db, c, catalogs[c], [positions[i] for i in wanted[c]]) for c in asked),
+        return_exceptions=True,
+    )
+    for catalog, answer in zip(asked, answers, strict=True):
+        if isinstance(answer, OperationFailure) and not database_unavailable(answer):
             log.error(
-                "cross-match with %s failed (left unmatched, retried later): %s", catalog, exc
+                "cross-match with %s failed (left unmatched, retried later): %s", catalog, answer
             )
-            result.failed[catalog] = str(exc)
+            result.failed[catalog] = str(answer)
             continue
-        for i, found in zip(wanted, matches, strict=True):
+        if isinstance(answer, BaseException):
+            raise answer
+        for i, found in zip(wanted[catalog], answer, strict=True):
             result.matches[i][catalog] = found
     return result

@@ -19,9 +19,11 @@ from kowalski.coords import cone_clause, great_circle_distance
 from kowalski.skycells import CELL_FIELD, cone_cell_clause, cones_cell_clause, is_cell_index
 
 GEO_FIELD = "coordinates.radec_geojson"
+# cones per query. With sky cells, larger chunks save round trips but not server time: 256 cones
+# over 20k rows took 0.33 s as 4 queries of 64 and 0.54 s as one query on secantusd-rs
 POSITIONS_PER_QUERY = 64
 TOLERANCE = 1 + 1e-9
-CELL_CHECK_TTL_S = 60.0
+CELL_CHECK_TTL_S = 300.0  # as often as the ingester reloads its filters
 Doc = dict[str, Any]
 _cell_checks: dict[tuple[int, str], tuple[float, bool]] = {}
 
@@ -110,12 +112,9 @@ def strip_position(doc: Doc) -> Doc:
 
 
 def chunks(
-    positions: Sequence[tuple[float, float]],
+    positions: Sequence[tuple[float, float]], size: int = POSITIONS_PER_QUERY
 ) -> list[tuple[int, Sequence[tuple[float, float]]]]:
-    return [
-        (start, positions[start : start + POSITIONS_PER_QUERY])
-        for start in range(0, len(positions), POSITIONS_PER_QUERY)
-    ]
+    return [(start, positions[start : start + size]) for start in range(0, len(positions), size)]
 
 
 def any_cone(

@@ -2,8 +2,8 @@
 monitoring), CPU time and peak resident memory.
 
 `install()` registers one process-wide PyMongo `CommandListener`; it counts every command sent to a
-server (each is one round trip: `find`, `getMore`, `insert`, `aggregate`, ...) by command name, for
-every client created after the call. `snapshot()` returns the counts with this process's CPU time
+server (each is one round trip: `find`, `getMore`, `insert`, `aggregate`, ...) by command name and
+the collection it targets (`"find ZTF_alerts_aux"`), for every client created after the call. `snapshot()` returns the counts with this process's CPU time
 and peak RSS, as plain data that can cross process boundaries (e.g. `dask.Client.run`); `delta()`
 subtracts two snapshots of the same process.
 """
@@ -21,15 +21,20 @@ from pymongo import monitoring
 
 
 class CommandCounter(monitoring.CommandListener):
-    """Counts started commands by name; thread-safe (drivers call it from several threads)."""
+    """Counts started commands by "name collection"; thread-safe (drivers call it from several
+    threads)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
+        name = event.command_name
+        target = event.command.get(name)
+        if not isinstance(target, str):  # getMore names its cursor; the collection is apart
+            target = event.command.get("collection", "")
         with self._lock:
-            self.counts[event.command_name] += 1
+            self.counts[f"{name} {target}".rstrip()] += 1
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         """Only starts are counted."""
@@ -69,7 +74,7 @@ def peak_rss_mb() -> float:
 
 
 def snapshot() -> dict[str, Any]:
-    """{pid, cpu_s, peak_rss_mb, commands: {name: count}} of this process."""
+    """{pid, cpu_s, peak_rss_mb, commands: {"name collection": count}} of this process."""
     return {
         "pid": os.getpid(),
         "cpu_s": cpu_seconds(),
@@ -90,3 +95,11 @@ def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": after["peak_rss_mb"],
         "commands": {name: n for name, n in sorted(commands.items()) if n},
     }
+
+
+def by_command(commands: dict[str, int]) -> dict[str, int]:
+    """Counts of `snapshot()["commands"]` summed per command name, most frequent first."""
+    totals: Counter[str] = Counter()
+    for key, count in commands.items():
+        totals[key.split(" ", 1)[0]] += count
+    return dict(totals.most_common())
