@@ -6,8 +6,9 @@ batches to the workers, commit offsets only after a batch is stored.
   a commit never passes a batch that is not yet durably stored.
 - A failed batch (database down, a dask worker that died, ...) is retried with exponential
   backoff; nothing is dropped.
-- A commit that fails while the broker is away is retried; one that can no longer succeed (the
-  group rebalanced meanwhile) is given up: the batch is re-delivered and recognised as done.
+- Offsets are committed asynchronously (a synchronous commit can block for good while the group
+  coordinator is lost); a failed commit is counted and logged, the next one covers it, and a batch
+  whose commit never landed is re-delivered after a restart and recognised as done.
 - A restart resumes at the committed offsets; re-delivered alerts are harmless: completed ones
   are skipped (the `handoffs` ledger), a batch cut short is redone (see `ingester.pipeline`).
 - A batch that returns results-stream records (filters with `stream` on) commits its offsets in
@@ -37,21 +38,6 @@ from kowalski.surveys import SURVEYS, survey_for_topic
 
 log = logging.getLogger("kowalski.ingester")
 MAX_BACKOFF_SECONDS = 60.0
-COMMIT_ATTEMPTS = 30
-# commit errors worth waiting out although librdkafka does not flag them retriable
-RETRIED_COMMIT_ERRORS = frozenset(
-    {
-        KafkaError._TRANSPORT,
-        KafkaError._ALL_BROKERS_DOWN,
-        KafkaError._TIMED_OUT,
-        KafkaError._WAIT_COORD,
-        KafkaError.COORDINATOR_NOT_AVAILABLE,
-        KafkaError.NOT_COORDINATOR,
-        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-        KafkaError.REQUEST_TIMED_OUT,
-    }
-)
-
 _RUNTIMES: dict[tuple[str, str], WorkerRuntime] = {}
 
 
@@ -173,6 +159,7 @@ class Ingester:
     handoff: HandoffFactory | None = None  # e.g. the SkyPortal feed (ingester/skyportal.py)
     report: BatchReport = field(default_factory=BatchReport)
     committed: int = 0
+    commit_failures: int = 0  # offset commits that failed (their batches may be re-delivered)
 
     def __post_init__(self) -> None:
         self.consumer = Consumer(
@@ -186,6 +173,7 @@ class Ingester:
                 "fetch.wait.max.ms": 100,
                 "topic.metadata.refresh.interval.ms": 5000,
                 "fetch.message.max.bytes": 10_485_760,
+                "on_commit": self._on_commit,
             }
         )
         self.patterns = [SURVEYS[s].subscription(self.cfg.kafka.topics) for s in self.surveys]
@@ -249,22 +237,27 @@ class Ingester:
             block = block and len(self.in_flight) >= self.max_in_flight
 
     def commit(self, batch: Batch) -> None:
-        """Commit a completed batch's offsets, retrying while the broker is unreachable."""
-        for attempt in range(1, COMMIT_ATTEMPTS + 1):
-            try:
-                self.consumer.commit(offsets=batch.offsets(), asynchronous=False)
-                return
-            except KafkaException as exc:
-                error = exc.args[0]
-                if not error.retriable() and error.code() not in RETRIED_COMMIT_ERRORS:
-                    log.warning("commit given up (batch will be re-delivered): %s", error)
-                    return
-                delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2**attempt)
-                log.warning(
-                    "commit failed (attempt %d): %s; retrying in %.1f s", attempt, error, delay
-                )
-                time.sleep(delay)
-        log.error("commit kept failing; the batch will be re-delivered and skipped as done")
+        """Commit a completed batch's offsets without waiting for the broker (a synchronous
+        commit can block for good while the group coordinator is lost, e.g. across a broker
+        restart). A commit that fails is counted and logged (`_on_commit`); the next batch's
+        commit covers its partitions, and a batch whose commit never landed is re-delivered after
+        a restart and skipped as done (the `handoffs` ledger)."""
+        try:
+            self.consumer.commit(offsets=batch.offsets(), asynchronous=True)
+        except KafkaException as exc:  # not even queued (no coordinator known, ...)
+            self.commit_failures += 1
+            log.warning("commit not sent (the batch may be re-delivered): %s", exc.args[0])
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's answer to a commit (served while consuming)."""
+        failed = [p for p in partitions if p.error is not None]
+        if error is None and not failed:
+            return
+        self.commit_failures += 1
+        log.warning(
+            "commit failed (the batch may be re-delivered): %s",
+            error or "; ".join(f"{p.topic}[{p.partition}]: {p.error}" for p in failed),
+        )
 
     def drain(self) -> None:
         while self.in_flight:
