@@ -7,7 +7,6 @@ doubled. Waits poll with generous deadlines; nothing asserts on timings.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import os
 import signal
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
-from distributed import Client, LocalCluster
+from distributed import Client
 from pymongo import MongoClient
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
@@ -33,6 +32,8 @@ from ingester.decode import decode_packet
 from ingester.mongify import history_key
 from ingester.replay import replay
 from kowalski.config import ROOT, build_config
+from kowalski.testing.dask import local_cluster
+from kowalski.testing.filters import filter_document
 from kowalski.testing.kafka import LocalKafka, cluster_id
 from kowalski.testing.mongo import EmbeddedMongo
 from kowalski.testing.process import free_port
@@ -67,17 +68,7 @@ def wait_for(condition: Callable[[], bool], what: str, deadline: float = DEADLIN
 
 
 def add_filter(db: Database[Doc]) -> None:
-    db.filters.insert_one(
-        {
-            "filter_id": 1,
-            "group_id": 1,
-            "catalog": "ZTF_alerts",
-            "permissions": [1, 2, 3],
-            "active": True,
-            "active_fid": "v1",
-            "fv": [{"fid": "v1", "pipeline": json.dumps(FILTER)}],
-        }
-    )
+    db.filters.insert_one(filter_document(1, FILTER, group_id=1))
 
 
 def ledger_count(db: Database[Doc]) -> int:
@@ -195,12 +186,7 @@ def test_ingester_killed_mid_batch_and_restarted(
 
 @pytest.fixture
 def process_cluster() -> Iterator[Client]:
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_cluster(workers=1, processes=True) as client:
         yield client
 
 
@@ -240,12 +226,7 @@ def test_dask_worker_dies_mid_batch(
 
 @pytest.fixture
 def thread_cluster() -> Iterator[Client]:
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_cluster(workers=1) as client:
         yield client
 
 

@@ -16,6 +16,7 @@ from ingester.ml import load_models
 from ingester.pipeline import Packet, Pipeline
 from kowalski.config import ROOT, build_config
 from kowalski.surveys import SURVEYS, Survey
+from kowalski.testing.filters import filter_document
 
 from .conftest import ZTF_ALERTS
 
@@ -48,36 +49,17 @@ async def test_filters_autosave_followup_and_handoff(
     }
     await db.filters.insert_many(
         [
-            {
-                "filter_id": 1,
-                "group_id": 10,
-                "catalog": "ZTF_alerts",
-                "permissions": [1],
-                "active": True,
-                "active_fid": "v1",
-                "fv": [{"fid": "v1", "pipeline": json.dumps(keep_candid)}],
-                "autosave": autosave,
-                "auto_followup": followup,
-            },
-            {
-                "filter_id": 2,
-                "group_id": 20,
-                "catalog": "ZTF_alerts",
-                "permissions": [1],
-                "active": True,
-                "active_fid": "v1",
-                "fv": [{"fid": "v1", "pipeline": json.dumps(drop_candid)}],
-                "autosave": False,
-            },
-            {
-                "filter_id": 3,
-                "group_id": 30,
-                "catalog": "ZTF_alerts",
-                "permissions": [1],
-                "active": False,
-                "active_fid": "v1",
-                "fv": [{"fid": "v1", "pipeline": json.dumps([{"$match": {}}])}],
-            },
+            filter_document(
+                1,
+                keep_candid,
+                group_id=10,
+                permissions=[1],
+                fid="v1",
+                autosave=autosave,
+                auto_followup=followup,
+            ),
+            filter_document(2, drop_candid, group_id=20, permissions=[1], fid="v1"),
+            filter_document(3, [{"$match": {}}], group_id=30, permissions=[1], active=False),
         ]
     )
     handed: list[tuple[Survey, list[dict[str, Any]], dict[int, list[dict[str, Any]]]]] = []
@@ -135,17 +117,7 @@ async def test_a_filter_failing_on_one_alert_is_split_down_and_only_that_alert_f
     bad = int(files[5].stem)  # the file name is the alert's candid
     divisor = {"$cond": [{"$eq": ["$candid", bad]}, 0, 1]}
     pipeline = [{"$project": {"candid": 1, "objectId": 1, "x": {"$divide": [1, divisor]}}}]
-    await db.filters.insert_one(
-        {
-            "filter_id": 7,
-            "group_id": 70,
-            "catalog": "ZTF_alerts",
-            "permissions": [1, 2, 3],
-            "active": True,
-            "active_fid": "v1",
-            "fv": [{"fid": "v1", "pipeline": json.dumps(pipeline)}],
-        }
-    )
+    await db.filters.insert_one(filter_document(7, pipeline, group_id=70, fid="v1"))
     handed: list[dict[int, list[dict[str, Any]]]] = []
 
     async def handoff(

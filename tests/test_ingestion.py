@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import threading
 import time
 import uuid
@@ -15,7 +14,7 @@ from typing import Any
 import fastavro
 import pytest
 from confluent_kafka import Producer
-from distributed import Client, LocalCluster
+from distributed import Client
 from pymongo import AsyncMongoClient, MongoClient
 from pymongo.database import Database
 
@@ -27,6 +26,8 @@ from ingester.replay import replay
 from kowalski.config import Config, build_config
 from kowalski.coords import coordinates_block
 from kowalski.surveys import SURVEYS as SURVEY_REGISTRY
+from kowalski.testing.dask import local_cluster
+from kowalski.testing.filters import filter_document
 
 from .conftest import DATA, OTHER_ALERTS, ZTF_ALERTS, found
 from .test_ml import COLUMNS
@@ -85,12 +86,7 @@ def night_environ(
 
 @pytest.fixture(scope="module")
 def dask_client() -> Iterator[Client]:
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_cluster(workers=2) as client:
         yield client
 
 
@@ -138,19 +134,7 @@ def ingested(
         ]
     )
     db.Gaia_EDR3.create_index([("coordinates.radec_geojson", "2dsphere")])
-    db.filters.insert_one(
-        {
-            "filter_id": 1,
-            "group_id": 1,
-            "catalog": "ZTF_alerts",
-            "permissions": [1, 2, 3],
-            "active": True,
-            "active_fid": "abcdef",
-            "fv": [{"fid": "abcdef", "pipeline": json.dumps(FILTER)}],
-            "autosave": False,
-            "auto_followup": {},
-        }
-    )
+    db.filters.insert_one(filter_document(1, FILTER, group_id=1, fid="abcdef"))
     counts = replay(kafka_bootstrap, all_packets(), suffix=f"_{tag}", progress=False)
     assert sum(counts.values()) == len(all_packets()) == 77
     ingester = run_ingester(cfg, dask_client, kafka_bootstrap, until_idle=4.0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import math
 import threading
 import uuid
@@ -29,7 +28,7 @@ from astropy import units as u
 from astropy.io import fits
 from bson import json_util
 from confluent_kafka import Producer
-from distributed import Client, LocalCluster
+from distributed import Client
 from fastavro.schema import load_schema, to_parsing_canonical_form
 from pymongo import MongoClient
 
@@ -42,6 +41,8 @@ from kowalski.config import Config, build_config
 from kowalski.coords import coordinates_block
 from kowalski.surveys import SURVEYS
 from kowalski.testing.api import ApiServer
+from kowalski.testing.dask import local_cluster
+from kowalski.testing.filters import filter_document
 from kowalski.testing.process import free_port
 
 from .conftest import DATA, ZTF_ALERTS
@@ -167,12 +168,7 @@ def registry() -> Iterator[Registry]:
 
 @pytest.fixture(scope="module")
 def dask_client() -> Iterator[Client]:
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_cluster(workers=2) as client:
         yield client
 
 
@@ -251,17 +247,9 @@ def ingested(
     )
     db.Gaia_EDR3.create_index([("coordinates.radec_geojson", "2dsphere")])
     db.filters.insert_one(
-        {
-            "filter_id": 11,
-            "group_id": 1,
-            "catalog": "LSST_alerts",
-            "permissions": [],
-            "active": True,
-            "active_fid": "lsst01",
-            "fv": [{"fid": "lsst01", "pipeline": json.dumps(MAG_FILTER)}],
-            "autosave": False,
-            "auto_followup": {},
-        }
+        filter_document(
+            11, MAG_FILTER, group_id=1, catalog="LSST_alerts", permissions=[], fid="lsst01"
+        )
     )
     decam = DATA / "decam_alerts" / "decam_desirt_v0_1_0.avro"
     messages = lsst_messages(lsst_files(), tag)

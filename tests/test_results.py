@@ -23,6 +23,7 @@ from ingester.consumer import Ingester
 from ingester.replay import replay
 from kowalski import results
 from kowalski.config import ROOT, Config, ConfigError, build_config
+from kowalski.testing.filters import filter_document
 
 from .conftest import ZTF_ALERTS, leak_messages
 from .test_ingestion import dask_client  # noqa: F401  (module fixture, reused)
@@ -54,21 +55,6 @@ def results_env(test_environ: dict[str, str], kafka: str, tag: str, **extra: str
         "KOWALSKI__kafka__topics__ZTF": f"^ztf_[0-9]{{8}}_programid[123]_{tag}$",
         "KOWALSKI__kafka__results_topic": f"kowalski_filter_{{filter_id}}_{tag}",
         **extra,
-    }
-
-
-def filter_doc(filter_id: int, pipeline: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
-    return {
-        "filter_id": filter_id,
-        "group_id": 100 + filter_id,
-        "catalog": "ZTF_alerts",
-        "permissions": [1, 2, 3],
-        "active": True,
-        "active_fid": f"v{filter_id}",
-        "fv": [{"fid": f"v{filter_id}", "pipeline": json.dumps(pipeline)}],
-        "autosave": False,
-        "auto_followup": {},
-        **options,
     }
 
 
@@ -149,10 +135,10 @@ def streamed(
     db: Database[dict[str, Any]] = MongoClient(mongo_uri)[cfg.database.db]
     db.filters.insert_many(
         [
-            filter_doc(1, DRB, stream={"active": True, "cutouts": True, "lightcurve": True}),
-            filter_doc(2, EVERYTHING, permissions=[1], stream={"lightcurve": True}),
-            filter_doc(3, EVERYTHING),  # no stream option: publishes nothing
-            filter_doc(4, EVERYTHING, stream=False),
+            filter_document(1, DRB, stream={"active": True, "cutouts": True, "lightcurve": True}),
+            filter_document(2, EVERYTHING, permissions=[1], stream={"lightcurve": True}),
+            filter_document(3, EVERYTHING),  # no stream option: publishes nothing
+            filter_document(4, EVERYTHING, stream=False),
         ]
     )
     replay(kafka_bootstrap, ztf_packets(), suffix=f"_{tag}", progress=False)
@@ -230,7 +216,7 @@ def test_disabling_stream_stops_publishing_from_the_next_batch(
     tag = uuid.uuid4().hex[:8]
     cfg = build_config([], results_env(test_environ, kafka_bootstrap, tag))
     db: Database[dict[str, Any]] = MongoClient(mongo_uri)[cfg.database.db]
-    db.filters.insert_one(filter_doc(1, EVERYTHING, stream=True))
+    db.filters.insert_one(filter_document(1, EVERYTHING, stream=True))
     topic = results.topic_for(cfg, 1, "ZTF")
     nights = [sorted((ZTF_ALERTS / night).glob("*.avro")) for night in ("20200202", "20231012")]
     replay(kafka_bootstrap, nights[0], suffix=f"_{tag}", progress=False)
@@ -347,7 +333,7 @@ def process_env(
     )
     cfg = build_config([], env)
     db: Database[dict[str, Any]] = MongoClient(mongo_uri)[cfg.database.db]
-    db.filters.insert_one(filter_doc(1, DRB, stream=True))
+    db.filters.insert_one(filter_document(1, DRB, stream=True))
     replay(kafka_bootstrap, ztf_packets(), suffix=f"_{tag}", progress=False)
     return env, cfg, db, tag
 

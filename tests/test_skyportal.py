@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from distributed import Client
 from pymongo import MongoClient
+from pymongo.database import Database
 
 from ingester.consumer import Ingester
 from ingester.decode import decode_packet
@@ -25,6 +26,7 @@ from ingester.skyportal import FeedFactory, FeedSetup, FeedSetupError, resolve_s
 from ingester.skyportal_delivery import DeliveryThread
 from ingester.skyportal_outbox import format_status, status
 from kowalski.config import ROOT, Config
+from kowalski.testing.filters import filter_document
 
 from .conftest import ZTF_ALERTS, found
 from .fake_skyportal import TOKEN, FakeSkyPortal, Fault
@@ -35,6 +37,8 @@ NIGHT = ZTF_ALERTS / "20200202"
 FP_PACKET = ZTF_ALERTS / "20231012" / "2475433850015015001.avro"  # ZTF23abjjnqm, forced phot.
 REPEATED = ["1127495406315015005.avro", "1127536316315015004.avro"]  # ZTF20aajcdad twice
 Doc = dict[str, Any]
+BRIGHT: list[Doc] = [{"$match": {"candidate.drb": {"$gt": 0.9}}}]
+FeedMaker = Callable[..., tuple[Config, Database[Doc]]]
 
 
 @pytest.fixture
@@ -46,6 +50,24 @@ def skyportal() -> Iterator[FakeSkyPortal]:
         yield fake
     finally:
         fake.close()
+
+
+@pytest.fixture
+def feed(
+    test_environ: dict[str, str], kafka_bootstrap: str, mongo_uri: str, skyportal: FakeSkyPortal
+) -> Iterator[FeedMaker]:
+    """Makes a feed test's configuration (a database of its own, `feed_config` settings plus
+    `extra`) and that database."""
+    client: MongoClient[Doc] = MongoClient(mongo_uri)
+
+    def make(**extra: str) -> tuple[Config, Database[Doc]]:
+        cfg = feed_config(test_environ, kafka_bootstrap, skyportal.port, **extra)
+        return cfg, client[cfg.database.db]
+
+    try:
+        yield make
+    finally:
+        client.close()
 
 
 def feed_config(environ: dict[str, str], kafka: str, port: int, **extra: str) -> Config:
@@ -69,20 +91,7 @@ def tag_of(cfg: Config) -> str:
 
 
 def add_filter(db: Any, filter_id: int, group_id: int, pipeline: list[Doc], **options: Any) -> None:
-    db.filters.insert_one(
-        {
-            "filter_id": filter_id,
-            "group_id": group_id,
-            "catalog": "ZTF_alerts",
-            "permissions": [1, 2, 3],
-            "active": True,
-            "active_fid": f"v{filter_id}",
-            "fv": [{"fid": f"v{filter_id}", "pipeline": json.dumps(pipeline)}],
-            "autosave": options.pop("autosave", False),
-            "auto_followup": options.pop("auto_followup", {}),
-            **options,
-        }
-    )
+    db.filters.insert_one(filter_document(filter_id, pipeline, group_id=group_id, **options))
 
 
 def objects(*names: str) -> list[Doc]:
@@ -98,11 +107,16 @@ def ingest(
     cfg: Config, client: Client, kafka: str, files: list[Path], setup: FeedSetup, **run: Any
 ) -> Ingester:
     replay(kafka, files, suffix=f"_{tag_of(cfg)}", progress=False)
-    ingester = Ingester(
-        cfg, client, kafka, ["ZTF"], group=f"feed-{tag_of(cfg)}", handoff=FeedFactory(cfg, setup)
-    )
+    ingester = feed_ingester(cfg, client, kafka, setup)
     ingester.run(**({"until_idle": 4.0} | run))
     return ingester
+
+
+def feed_ingester(cfg: Config, client: Client, kafka: str, setup: FeedSetup) -> Ingester:
+    """An ingester of the test's consumer group that hands off to the SkyPortal feed."""
+    return Ingester(
+        cfg, client, kafka, ["ZTF"], group=f"feed-{tag_of(cfg)}", handoff=FeedFactory(cfg, setup)
+    )
 
 
 def wait_for(
@@ -200,14 +214,9 @@ def test_misconfigured_or_unreachable_skyportal_stops_with_one_line(
 
 
 def test_new_candidate_exact_sequence_and_bodies(
-    test_environ: dict[str, str],
-    kafka_bootstrap: str,
-    mongo_uri: str,
-    dask_client: Client,
-    skyportal: FakeSkyPortal,
+    feed: FeedMaker, kafka_bootstrap: str, dask_client: Client, skyportal: FakeSkyPortal
 ) -> None:
-    cfg = feed_config(test_environ, kafka_bootstrap, skyportal.port)
-    db = MongoClient[Doc](mongo_uri)[cfg.database.db]
+    cfg, db = feed()
     annotated: list[Doc] = [
         {"$match": {"objectId": "ZTF23abjjnqm"}},
         {"$project": {"candid": 1, "annotations": {"drb": "$candidate.drb"}}},
@@ -310,14 +319,9 @@ async def hand_off_again(
 
 
 def test_known_object_gets_only_new_points_and_updates(
-    test_environ: dict[str, str],
-    kafka_bootstrap: str,
-    mongo_uri: str,
-    dask_client: Client,
-    skyportal: FakeSkyPortal,
+    feed: FeedMaker, kafka_bootstrap: str, dask_client: Client, skyportal: FakeSkyPortal
 ) -> None:
-    cfg = feed_config(test_environ, kafka_bootstrap, skyportal.port)
-    db = MongoClient[Doc](mongo_uri)[cfg.database.db]
+    cfg, db = feed()
     obj = "ZTF20aajcdad"
     annotated: list[Doc] = [
         {"$match": {"objectId": obj}},
@@ -358,14 +362,9 @@ def test_known_object_gets_only_new_points_and_updates(
 
 
 def test_auto_followup_create_match_update_and_timeout(
-    test_environ: dict[str, str],
-    kafka_bootstrap: str,
-    mongo_uri: str,
-    dask_client: Client,
-    skyportal: FakeSkyPortal,
+    feed: FeedMaker, kafka_bootstrap: str, dask_client: Client, skyportal: FakeSkyPortal
 ) -> None:
-    cfg = feed_config(test_environ, kafka_bootstrap, skyportal.port)
-    db = MongoClient[Doc](mongo_uri)[cfg.database.db]
+    cfg, db = feed()
     asc = {
         "active": True,
         "allocation_id": 3,
@@ -441,15 +440,10 @@ def test_auto_followup_create_match_update_and_timeout(
 
 
 def test_503_twice_then_200_loses_and_duplicates_nothing(
-    test_environ: dict[str, str],
-    kafka_bootstrap: str,
-    mongo_uri: str,
-    dask_client: Client,
-    skyportal: FakeSkyPortal,
+    feed: FeedMaker, kafka_bootstrap: str, dask_client: Client, skyportal: FakeSkyPortal
 ) -> None:
-    cfg = feed_config(test_environ, kafka_bootstrap, skyportal.port)
-    db = MongoClient[Doc](mongo_uri)[cfg.database.db]
-    add_filter(db, 1, 10, [{"$match": {"candidate.drb": {"$gt": 0.9}}}], autosave=True)
+    cfg, db = feed()
+    add_filter(db, 1, 10, BRIGHT, autosave=True)
     setup = setup_for(cfg, db)
     obj = "ZTF20aaelulu"
     # one candidate post: 503 on both tries of its first attempt (the client retries once),
@@ -471,16 +465,13 @@ def test_503_twice_then_200_loses_and_duplicates_nothing(
 @pytest.mark.timeout(900)
 def test_skyportal_down_through_replay_and_restart_then_back(
     test_environ: dict[str, str],
+    feed: FeedMaker,
     kafka_bootstrap: str,
-    mongo_uri: str,
     dask_client: Client,
     skyportal: FakeSkyPortal,
 ) -> None:
-    cfg = feed_config(
-        test_environ, kafka_bootstrap, skyportal.port, KOWALSKI__ingester__batch_size="4"
-    )
-    db = MongoClient[Doc](mongo_uri)[cfg.database.db]
-    add_filter(db, 1, 10, [{"$match": {"candidate.drb": {"$gt": 0.9}}}], autosave=True)
+    cfg, db = feed(KOWALSKI__ingester__batch_size="4")
+    add_filter(db, 1, 10, BRIGHT, autosave=True)
     setup = setup_for(cfg, db)
     skyportal.stop()
     files = sorted(ZTF_ALERTS.rglob("*.avro"))
@@ -489,14 +480,7 @@ def test_skyportal_down_through_replay_and_restart_then_back(
     delivery = DeliveryThread(cfg, setup).start()
     stop = threading.Event()
     replay(kafka_bootstrap, files, suffix=f"_{tag_of(cfg)}", progress=False)
-    first = Ingester(
-        cfg,
-        dask_client,
-        kafka_bootstrap,
-        ["ZTF"],
-        group=f"feed-{tag_of(cfg)}",
-        handoff=FeedFactory(cfg, setup),
-    )
+    first = feed_ingester(cfg, dask_client, kafka_bootstrap, setup)
     watcher = threading.Thread(target=stop_when_committed, args=(first, 8, stop))
     watcher.start()
     first.run(stop=stop)
@@ -507,14 +491,7 @@ def test_skyportal_down_through_replay_and_restart_then_back(
 
     # restarted while SkyPortal is still down: the rest of the night is queued
     delivery = DeliveryThread(cfg, setup).start()
-    second = Ingester(
-        cfg,
-        dask_client,
-        kafka_bootstrap,
-        ["ZTF"],
-        group=f"feed-{tag_of(cfg)}",
-        handoff=FeedFactory(cfg, setup),
-    )
+    second = feed_ingester(cfg, dask_client, kafka_bootstrap, setup)
     second.run(until_idle=4.0)
     assert first.committed + second.committed == len(files)
     pending = db.skyportal_outbox.count_documents({"state": "pending"})
@@ -583,15 +560,10 @@ def assert_each_entry_delivered_once(db: Any, skyportal: FakeSkyPortal) -> None:
 
 
 def test_broker_off_posts_and_queues_nothing(
-    test_environ: dict[str, str],
-    kafka_bootstrap: str,
-    mongo_uri: str,
-    dask_client: Client,
-    skyportal: FakeSkyPortal,
+    feed: FeedMaker, kafka_bootstrap: str, dask_client: Client, skyportal: FakeSkyPortal
 ) -> None:
-    cfg = feed_config(test_environ, kafka_bootstrap, skyportal.port, KOWALSKI__misc__broker="false")
-    db = MongoClient[Doc](mongo_uri)[cfg.database.db]
-    add_filter(db, 1, 10, [{"$match": {"candidate.drb": {"$gt": 0.9}}}], autosave=True)
+    cfg, db = feed(KOWALSKI__misc__broker="false")
+    add_filter(db, 1, 10, BRIGHT, autosave=True)
     setup = setup_for(cfg, db)
     ingested = ingest(cfg, dask_client, kafka_bootstrap, sorted(NIGHT.glob("*.avro")), setup)
     assert ingested.report.passed > 0
