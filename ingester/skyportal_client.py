@@ -22,6 +22,8 @@ from kowalski.config import ROOT, Config
 
 log = logging.getLogger("kowalski.skyportal")
 RETRY_STATUSES = frozenset({405, 429, 500, 502, 503, 504})
+# methods that may be sent again after an answer was lost (a POST may have landed: not again)
+REPEATABLE = frozenset({"GET", "HEAD", "PUT", "DELETE"})
 Doc = dict[str, Any]
 
 
@@ -58,6 +60,11 @@ def kowalski_version(cfg: Config) -> str:
 def base_url(cfg: Config) -> str:
     sp = cfg.skyportal
     return f"{sp.protocol}://{sp.host}:{sp.port}"
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """A request that cannot have reached SkyPortal (no connection was made)."""
+    return isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError)
 
 
 def _message(body: Any, fallback: str) -> str:
@@ -108,6 +115,9 @@ class SkyPortalClient:
                 answer = await self._once(method, path, body, params, timeout or sp.timeout_s)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if method not in REPEATABLE and not _never_sent(exc):
+                    # the server may have acted on it: the caller's next attempt looks first
+                    raise Deferred(f"{method} {path}: {reason} (answer lost)") from None
                 continue
             if answer.status in RETRY_STATUSES:
                 reason = f"HTTP {answer.status}: {_message(answer.body, 'no message')}"

@@ -9,6 +9,9 @@
   entries of that object wait behind it. Pending entries survive restarts: they are in the DB.
 - SkyPortal refuses (other 4xx, status != success): the entry is marked failed with the error
   (see `kowalski.py feed status`) and the object's next entries go on, as upstream logs and goes on.
+- A POST whose answer was lost (timeout, dropped connection) is not repeated by the client: the
+  entry is deferred and its next attempt looks before writing (sources and their groups for an
+  autosave, annotations by origin, follow-up requests), so a slow SkyPortal gets no duplicates.
 - Follow-up requests are never sent blindly: every attempt first looks up the source's requests
   and creates one only if none matches, without client-side retries; a request that timed out is
   found by the next attempt instead of being created twice.
@@ -281,7 +284,8 @@ class Delivery:
         groups: list[Doc] = entry["groups"]
         progress = entry.get("progress", {})
         if "saved" not in progress:
-            if entry.get("mode") == "known":
+            # a known object, or a retry (an earlier attempt's POST may have landed): look first
+            if entry.get("mode") == "known" or entry.get("attempts"):
                 is_source = await self.sp.request("HEAD", f"/api/sources/{obj}")
                 if is_source.status == 200:
                     held = (await self.sp.request("GET", f"/api/sources/{obj}/groups")).data or []

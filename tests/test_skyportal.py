@@ -462,6 +462,28 @@ def test_503_twice_then_200_loses_and_duplicates_nothing(
     assert len(faulted) == 7  # every injected fault was hit
 
 
+def test_a_post_whose_answer_is_lost_is_not_sent_again(
+    feed: FeedMaker, kafka_bootstrap: str, dask_client: Client, skyportal: FakeSkyPortal
+) -> None:
+    """The first autosave lands but its answer comes after the client's timeout (as from a
+    loaded SkyPortal): the client does not POST it again; the entry's next attempt finds the
+    source in its group and saves nothing twice."""
+    cfg, db = feed(KOWALSKI__skyportal__timeout_s="1")
+    add_filter(db, 1, 10, BRIGHT, autosave=True)
+    setup = setup_for(cfg, db)
+    skyportal.fault(Fault("POST", "/api/sources", delay=2.5, count=1))
+    ingest(cfg, dask_client, kafka_bootstrap, sorted(NIGHT.glob("*.avro")), setup)
+    deliver(cfg, db, setup)
+    saves = [r for r in skyportal.requests if r.method == "POST" and r.path == "/api/sources"]
+    saved = [r.body["id"] for r in saves]
+    assert saved and len(saved) == len(set(saved))  # each source saved once
+    late = found(db.skyportal_outbox.find_one({"kind": "autosave", "obj_id": saved[0]}))
+    assert late["state"] == "done" and late["attempts"] == 2
+    assert "answer lost" in late["last_error"]
+    looked = [r for r in skyportal.requests if r.path == f"/api/sources/{saved[0]}"]
+    assert [r.method for r in looked] == ["HEAD"]  # the retry looked before writing
+
+
 @pytest.mark.timeout(900)
 def test_skyportal_down_through_replay_and_restart_then_back(
     test_environ: dict[str, str],
