@@ -222,6 +222,18 @@ class Delivery:
             {"_id": entry["_id"]}, {"$set": {**changes, "lease_until": None}}
         )
 
+    async def _done_before(self, entry: Doc) -> bool:
+        """Whether another entry of this kind for this object was delivered already. Two batches
+        with alerts of one new object, handed off at the same time, queue one entry as for a new
+        object and one as for a known object, in either order: the later one must look first."""
+        query = {
+            "obj_id": entry["obj_id"],
+            "kind": entry["kind"],
+            "state": DONE,
+            "_id": {"$ne": entry["_id"]},
+        }
+        return await self.outbox.find_one(query, {"_id": 1}) is not None
+
     async def _progress(self, entry: Doc, step: str, value: Any) -> None:
         """Record a finished step of a multi-call entry, so a retry does not repeat it."""
         entry.setdefault("progress", {})[step] = value
@@ -263,7 +275,11 @@ class Delivery:
         obj = entry["obj_id"]
         body = {**entry["body"], "origin": await self._origin(entry)}
         path = f"/api/sources/{obj}/annotations"
-        if entry.get("mode") == "post" and not entry.get("attempts"):
+        if (
+            entry.get("mode") == "post"
+            and not entry.get("attempts")
+            and not await self._done_before(entry)
+        ):
             await self.sp.request("POST", path, body)
             return {"action": "posted"}
         # a known object, or a retry (the first POST may have landed): look before writing
@@ -284,8 +300,13 @@ class Delivery:
         groups: list[Doc] = entry["groups"]
         progress = entry.get("progress", {})
         if "saved" not in progress:
-            # a known object, or a retry (an earlier attempt's POST may have landed): look first
-            if entry.get("mode") == "known" or entry.get("attempts"):
+            # a known object, a retry (an earlier attempt's POST may have landed), or an object
+            # saved by another entry already: look first
+            if (
+                entry.get("mode") == "known"
+                or entry.get("attempts")
+                or await self._done_before(entry)
+            ):
                 is_source = await self.sp.request("HEAD", f"/api/sources/{obj}")
                 if is_source.status == 200:
                     held = (await self.sp.request("GET", f"/api/sources/{obj}/groups")).data or []

@@ -462,6 +462,58 @@ def test_503_twice_then_200_loses_and_duplicates_nothing(
     assert len(faulted) == 7  # every injected fault was hit
 
 
+def test_two_batches_of_one_new_object_at_once_save_and_annotate_it_once(
+    feed: FeedMaker, kafka_bootstrap: str, dask_client: Client, skyportal: FakeSkyPortal
+) -> None:
+    """Two workers hand off batches with alerts of one new object at the same time: one entry
+    is queued as for a new object, the other as for a known one, and here the known one comes
+    first (the later alert's batch made the object a candidate). The source is saved once and
+    the annotation posted once."""
+    cfg, db = feed()
+    add_filter(db, 1, 10, objects("nothing"), autosave=True)  # alerts stored, nothing passes
+    setup = setup_for(cfg, db)
+    ingest(cfg, dask_client, kafka_bootstrap, [NIGHT / f for f in REPEATED], setup)
+    candids = [decode_packet((NIGHT / f).read_bytes())[0]["candid"] for f in REPEATED]
+    alerts = [found(db.ZTF_alerts.find_one({"candid": c})) for c in reversed(candids)]
+    passes = [
+        {
+            a["candid"]: [
+                {
+                    "filter_id": 1,
+                    "group_id": 10,
+                    "data": {"annotations": {"x": 1}},
+                    "autosave": True,
+                }
+            ]
+        }
+        for a in alerts
+    ]
+    asyncio.run(hand_off_together(cfg, setup, alerts, passes))
+    modes = {e["mode"] for e in db.skyportal_outbox.find({"kind": "autosave"})}
+    assert modes == {"new", "known"}
+    deliver(cfg, db, setup)
+    posts = skyportal.processed("POST")
+    assert len([r for r in posts if r.path == "/api/sources"]) == 1
+    assert len([r for r in posts if r.path.endswith("/annotations")]) == 1
+
+
+async def hand_off_together(
+    cfg: Config, setup: FeedSetup, alerts: list[Doc], passes: list[dict[int, list[Doc]]]
+) -> None:
+    """Each alert handed off as a batch of its own, all at the same time."""
+    from kowalski.db import async_client
+    from kowalski.surveys import SURVEYS
+
+    client = async_client(cfg)
+    try:
+        stage = FeedFactory(cfg, setup)(client[cfg.database.db])
+        await asyncio.gather(
+            *(stage(SURVEYS["ZTF"], [a], p) for a, p in zip(alerts, passes, strict=True))
+        )
+    finally:
+        await client.close()
+
+
 def test_a_post_whose_answer_is_lost_is_not_sent_again(
     feed: FeedMaker, kafka_bootstrap: str, dask_client: Client, skyportal: FakeSkyPortal
 ) -> None:
