@@ -39,9 +39,9 @@ from confluent_kafka.cimpl import NewTopic
 from distributed import Client, WorkerPlugin
 
 from bench.nightdata import ZTF, Night
-from ingester.consumer import Ingester, start_cluster
+from ingester.consumer import Ingester, close_cluster, start_cluster
 from kowalski import monitoring
-from kowalski.config import ROOT, Config, build_config
+from kowalski.config import Config, build_config
 from kowalski.db import sync_client
 from kowalski.testing.kafka import LocalKafka
 from kowalski.testing.mongo import EmbeddedMongo
@@ -77,12 +77,7 @@ def services(workdir: Path) -> Iterator[Services]:
             pids["database"] = mongo.process.pid  # type: ignore[union-attr]
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if not bootstrap:
-            kafka = LocalKafka(
-                workdir / "kafka",
-                port=free_port(),
-                controller_port=free_port(),
-                libs_cache=ROOT / "var" / "kafka-libs",
-            ).start()
+            kafka = LocalKafka.on_free_ports(workdir / "kafka").start()
             started.append(kafka)
             bootstrap = kafka.bootstrap_servers
             pids["kafka"] = kafka.process.pid  # type: ignore[union-attr]
@@ -299,10 +294,7 @@ def run_mode(
         watcher.join()
         after, servers_after = process_snapshots(client), server_cpu(svc.pids)
     finally:
-        cluster = client.cluster
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        close_cluster(client)
     producer.join(timeout=120)
     if timeline.error or timeline.first_produce is None or timeline.last_commit is None:
         raise RuntimeError(f"mode {label}: {timeline.error}")

@@ -50,12 +50,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if external:
         yield external
         return
-    broker = LocalKafka(
-        tmp_path_factory.mktemp("kafka"),
-        port=free_port(),
-        controller_port=free_port(),
-        libs_cache=ROOT / "var" / "kafka-libs",
-    ).start()
+    broker = LocalKafka.on_free_ports(tmp_path_factory.mktemp("kafka")).start()
     try:
         yield broker.bootstrap_servers
     finally:

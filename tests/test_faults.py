@@ -235,12 +235,7 @@ def test_kafka_broker_restarted_during_ingestion(
 ) -> None:
     """A broker of its own is stopped mid-stream and started again on the same data; the rest
     of the night is produced after the restart. Everything lands once."""
-    broker = LocalKafka(
-        tmp_path / "kafka",
-        port=free_port(),
-        controller_port=free_port(),
-        libs_cache=ROOT / "var" / "kafka-libs",
-    ).start()
+    broker = LocalKafka.on_free_ports(tmp_path / "kafka").start()
     try:
         bootstrap = broker.bootstrap_servers
         tag = uuid.uuid4().hex[:8]

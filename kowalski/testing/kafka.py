@@ -14,10 +14,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kowalski.config import ROOT
 from kowalski.testing.process import (
     ServiceError,
     ToolMissing,
     ensure_port_free,
+    free_port,
     port_in_use,
     start_process,
     stop_process,
@@ -25,6 +27,7 @@ from kowalski.testing.process import (
 )
 
 POM = Path(__file__).with_name("kafka-pom.xml")
+DEFAULT_LIBS = ROOT / "var" / "kafka-libs"  # the checkout's jar cache (tests, benchmarks)
 LOG4J2 = """\
 Configuration:
   status: warn
@@ -130,6 +133,11 @@ class LocalKafka:
     host: str = "127.0.0.1"
     heap: str = "512m"
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @classmethod
+    def on_free_ports(cls, data_dir: Path, libs_cache: Path = DEFAULT_LIBS) -> LocalKafka:
+        """A broker (not started) in `data_dir` on free ports, jars cached in `libs_cache`."""
+        return cls(data_dir, port=free_port(), controller_port=free_port(), libs_cache=libs_cache)
 
     @property
     def bootstrap_servers(self) -> str:
