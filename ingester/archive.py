@@ -128,9 +128,9 @@ async def store_aux(
 ) -> dict[str, int]:
     """Merge the batch into `<survey>_alerts_aux`; returns counts of new/updated objects.
 
-    Three round trips per batch when nobody else writes the same objects: one `find` of the stored
-    documents, the cross-matches (one query per catalog), one unordered `bulk_write` of every
-    object's insert or revision-checked update. Objects another writer changed in between are read
+    Per batch, when nobody else writes the same objects: one `find` of the stored documents, the
+    cross-matches (ingester/xmatch.py), one unordered `bulk_write` of every object's insert or
+    revision-checked update. Objects another writer changed in between are read
     and merged again (idempotent merges), up to MAX_ATTEMPTS times."""
     groups = group_by_object(survey, parts)
     pending = dict(groups)

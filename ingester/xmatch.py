@@ -1,8 +1,8 @@
 """Stage: cross-match a batch of positions against the configured catalogs.
 
-One query per catalog per batch, the catalogs' queries concurrently (kowalski/cones.py: merged
-sky-cell ranges, or an `$or` of `$geoWithin/$centerSphere` cones on `coordinates.radec_geojson`),
-matches assigned to each position by great-circle distance.
+One query per catalog per 64 positions of a batch, the catalogs' queries concurrently
+(kowalski/cones.py: merged sky-cell ranges, or an `$or` of `$geoWithin/$centerSphere` cones on
+`coordinates.radec_geojson`), matches assigned to each position by great-circle distance.
 Distance-based catalogs (CLU, NED) use a coarse cone, then a per-galaxy radius.
 
 A catalog whose query fails is never reported as "no match": if the database refuses the query
