@@ -88,10 +88,10 @@ def reexec_in_venv() -> None:
 
 def ensure_embedded_server() -> None:
     """Build the embedded database server `secantusd-rs` once (pinned, cached, reused); where
-    that cannot be done the runner falls back to `secantusd-py` (kowalski/testing/secantus.py)."""
+    that cannot be done the runner falls back to `secantusd-py` (kowalski/services/secantus.py)."""
     if os.environ.get("MONGODB_URI"):
         return
-    from kowalski.testing.secantus import ensure_rs
+    from kowalski.services.secantus import ensure_rs
 
     ensure_rs()
 
@@ -120,6 +120,39 @@ def ensure_keyfile() -> None:
         alphabet = string.ascii_lowercase + string.digits
         keyfile.write_text("".join(secrets.choice(alphabet) for _ in range(32)))
         keyfile.chmod(0o400)
+
+
+# docker compose's required secrets (docker-compose.defaults.yaml); hex digits are URL-safe, as
+# MONGO_INITDB_ROOT_PASSWORD must be (it goes into MONGODB_URI)
+COMPOSE_SECRETS = (
+    "MONGO_INITDB_ROOT_PASSWORD",
+    "KOWALSKI_JWT_SECRET_KEY",
+    "KOWALSKI_ADMIN_PASSWORD",
+    "GRAFANA_ADMIN_PASSWORD",
+)
+
+
+def ensure_env_file(path: Path) -> None:
+    """On first `up`/`build`: `.env` (read by docker compose, git-ignored, mode 600) with a random
+    value for each required secret, so no deployment runs on a published default. An existing
+    `.env` gets the secrets it lacks (added by a later version), its own values kept."""
+    if path.exists():
+        present = {line.split("=", 1)[0] for line in path.read_text().splitlines() if "=" in line}
+        missing = [name for name in COMPOSE_SECRETS if name not in present]
+        if missing:
+            with path.open("a") as env:
+                env.write("".join(f"{name}={secrets.token_hex(24)}\n" for name in missing))
+            print(f"added random {', '.join(missing)} to {path.name}")
+        return
+    path.touch(mode=0o600)
+    lines = [f"{name}={secrets.token_hex(24)}" for name in COMPOSE_SECRETS]
+    path.write_text(
+        "# docker compose's environment, created by ./kowalski.py up (random secrets; the admin\n"
+        "# password logs in as server.admin_username). Variables set in the shell win.\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+    print(f"created {path.name} with random {', '.join(COMPOSE_SECRETS)}")
 
 
 def ensure_user_config() -> None:
@@ -166,6 +199,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         ensure_embedded_server()
         sys.exit(run_local(replay=not args.no_replay, detach=args.detach))
     ensure_keyfile()
+    ensure_env_file(ROOT / ".env")
     compose = docker_compose()
     if args.build:
         cmd_build(args)
@@ -187,6 +221,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     version = write_version()
     print(f"version.txt: {version}")
     ensure_keyfile()
+    ensure_env_file(ROOT / ".env")
     compose = docker_compose()
     result = subprocess.run([*compose, "build"], cwd=ROOT)
     if result.returncode != 0:
@@ -291,14 +326,39 @@ def cmd_seed(args: argparse.Namespace) -> None:
 def cmd_feed(args: argparse.Namespace) -> None:
     reexec_in_venv()
     check_config()
-    from ingester.skyportal import main as feed_main
+    from ingester.skyportal.stage import main as feed_main
 
     sys.exit(feed_main([args.feed_command]))
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    reexec_in_venv()
+    check_config()
+    from kowalski.config import load_config_or_exit
+    from ops.status import main as status_main
+
+    sys.exit(status_main(load_config_or_exit()))
+
+
+def cmd_backfill(args: argparse.Namespace) -> None:
+    reexec_in_venv()
+    check_config()
+    from ingester.backfill import main as backfill_main
+
+    if args.job:
+        sys.exit(backfill_main(["run", "--job", args.job]))
+    if args.filter_id is None or args.start is None or args.end is None:
+        fail("give FILTER_ID --start START --end END, or --job JOB_ID")
+    extra = [*(["--fid", args.fid] if args.fid else [])]
+    extra += ["--max-alerts", str(args.max_alerts)] if args.max_alerts else []
+    run = ["run", str(args.filter_id), "--start", args.start, "--end", args.end, *extra]
+    sys.exit(backfill_main(run))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     reexec_in_venv()
-    ensure_embedded_server()
+    if not HELP & set(args.bench_args):
+        ensure_embedded_server()
     sys.exit(subprocess.run([sys.executable, "-m", "bench", *args.bench_args], cwd=ROOT).returncode)
 
 
@@ -378,6 +438,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     feed.set_defaults(func=cmd_feed)
 
+    status = sub.add_parser(
+        "status",
+        help="one screen for a running instance: readiness, rates, lag, outbox (from its metrics)",
+    )
+    status.set_defaults(func=cmd_status)
+
+    backfill = sub.add_parser(
+        "backfill", help="run a filter over the archived alerts of a time range (progress bar)"
+    )
+    backfill.add_argument("filter_id", type=int, nargs="?")
+    backfill.add_argument("--start", help="JD or ISO date (UTC)")
+    backfill.add_argument("--end", help="JD or ISO date (UTC)")
+    backfill.add_argument("--fid", help="filter version (default: the active one)")
+    backfill.add_argument("--max-alerts", type=int, help="stop after this many alerts")
+    backfill.add_argument("--job", help="resume (or watch) this back-fill job instead")
+    backfill.set_defaults(func=cmd_backfill)
+
     bench = sub.add_parser("bench", help="run the benchmarks (bench/)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench")
     bench.set_defaults(func=cmd_bench)
@@ -391,13 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PASSTHROUGH = {"test": "pytest_args", "bench": "bench_args"}
+HELP = {"-h", "--help"}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    if argv and argv[0] in PASSTHROUGH and not {"-h", "--help"} & set(argv[1:]):
-        # everything after `test` / `bench` goes to pytest / the benchmark unchanged
+    if argv and argv[0] in PASSTHROUGH and (argv[0] == "bench" or not HELP & set(argv[1:])):
+        # everything after `test` / `bench` goes to pytest / the benchmark unchanged (`bench
+        # --help` too: the benchmark lists its own options)
         args = parser.parse_args(argv[:1])
         setattr(args, PASSTHROUGH[argv[0]], argv[1:])
     else:

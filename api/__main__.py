@@ -7,7 +7,7 @@ import os
 import sys
 
 from kowalski.config import ConfigError, check_secrets, load_config_or_exit
-from kowalski.testing.api import gunicorn_command
+from kowalski.services.api import gunicorn_command
 
 
 def main() -> None:

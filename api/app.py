@@ -3,22 +3,34 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import datetime as dt
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from pymongo.errors import DuplicateKeyError
 
-from api import classifications, cutouts, filters, openapi, queries, skymap, triggers, users
-from api.auth import USER_CACHE, UserCache, auth_post, hash_password, new_uid
-from api.middlewares import auth_middleware, error_middleware
+from api import (
+    backfill,
+    classifications,
+    cutouts,
+    filters,
+    openapi,
+    operations,
+    queries,
+    skymap,
+    triggers,
+    users,
+)
+from api.auth import USER_CACHE, UserCache, auth_post, dummy_hash, hash_password, new_uid
+from api.middlewares import auth_middleware, error_middleware, metrics_middleware
 from api.queries import QUERY_SLOTS, QuerySlots
 from api.responses import success
 from api.state import CONFIG, DB, MONGO
 from kowalski.config import Config, check_secrets, default_secrets, load_config
 from kowalski.db import async_client, create_index, ensure_indexes
+from kowalski.documents import utcnow
 
 log = logging.getLogger("kowalski.api")
 
@@ -30,7 +42,7 @@ async def ping(request: web.Request) -> web.Response:
 
 async def ensure_admin(app: web.Application) -> None:
     cfg: Config = app[CONFIG]
-    users_coll = app[DB][cfg.database.collections["users"]]
+    users_coll = app[DB][cfg.database.collection("users")]
     if await users_coll.find_one({"_id": cfg.server.admin_username}, {"_id": 1}):
         return
     with contextlib.suppress(DuplicateKeyError):  # another gunicorn worker created it first
@@ -43,7 +55,7 @@ async def ensure_admin(app: web.Application) -> None:
                 "token_generation": 0,
                 "permissions": {},
                 "admin": True,
-                "last_modified": dt.datetime.now(dt.UTC).replace(tzinfo=None),
+                "last_modified": utcnow(),
             }
         )
 
@@ -57,7 +69,7 @@ async def database_context(app: web.Application) -> AsyncIterator[None]:
         app[MONGO] = client
         app[DB] = client[cfg.database.db]
         await ensure_admin(app)
-        filters_coll = app[DB][cfg.database.collections["filters"]]
+        filters_coll = app[DB][cfg.database.collection("filters")]
         await create_index(filters_coll, [("filter_id", 1)], "filter_id", unique=True)
         if cfg.database.build_indexes:
             for key in ("skymaps", "alerts_ztf_classifications"):
@@ -81,6 +93,10 @@ def routes(app: web.Application) -> None:
     app.router.add_get(r"/api/filters/{filter_id:[0-9]+}", filters.filters_get)
     app.router.add_delete(r"/api/filters/{filter_id:[0-9]+}", filters.filters_delete)
     app.router.add_post(r"/api/filters/{filter_id:[0-9]+}/test", filters.filters_test)
+    app.router.add_post(r"/api/filters/{filter_id:[0-9]+}/backfill", backfill.backfill_post)
+    app.router.add_get(r"/api/filters/{filter_id:[0-9]+}/backfill", backfill.backfill_get)
+    app.router.add_delete(r"/api/filters/{filter_id:[0-9]+}/backfill", backfill.backfill_delete)
+    app.router.add_post(r"/api/filters/{filter_id:[0-9]+}/explain", backfill.explain_post)
     app.router.add_get(
         r"/api/cutouts/{survey}/{candid:[0-9]+}/{cutout}/{file_format}", cutouts.cutout_get
     )
@@ -99,6 +115,9 @@ def routes(app: web.Application) -> None:
     app.router.add_get("/docs/api/", openapi.docs_page)
     app.router.add_get("/docs/api", openapi.docs_page)
     app.router.add_get("/docs/api/openapi.json", openapi.spec_json)
+    app.router.add_get("/metrics", operations.metrics_get)
+    app.router.add_get("/healthz", operations.healthz)
+    app.router.add_get("/readyz", operations.readyz)
 
 
 async def app_factory(cfg: Config | None = None) -> web.Application:
@@ -109,10 +128,12 @@ async def app_factory(cfg: Config | None = None) -> web.Application:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware], client_max_size=cfg.server.client_max_size
+        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        client_max_size=cfg.server.client_max_size,
     )
     app[CONFIG] = cfg
     app[USER_CACHE] = UserCache()
+    await asyncio.to_thread(dummy_hash)  # before the first login (no slower first unknown user)
     app[QUERY_SLOTS] = QuerySlots(cfg.misc.max_concurrent_queries)
     app.cleanup_ctx.append(database_context)
     routes(app)

@@ -4,7 +4,10 @@ Better than upstream: `exp` is a real numeric claim (expiry works when configure
 as upstream, is tokens that do not expire); every token carries `iat`, the user's id (`uid`, new
 for every created user) and the user's token generation (`gen`): a password change, an admin's
 `POST /api/users/{username}/revoke`, deleting or renaming the user all invalidate earlier tokens
-(within USER_CACHE_SECONDS in every worker), and tokens without these claims are refused.
+(within USER_CACHE_SECONDS in every worker), and tokens without these claims are refused. A
+token newer than a worker's cached user (issued after a password change made in another worker)
+reloads the user before it is judged. Logins of unknown users cost one bcrypt check, as known
+users' do (no username enumeration by timing); `server.token_ttl` limits tokens' lifetime.
 Admins are any user with `admin: true` (plus the configured superuser); every user carries the
 ZTF programids they may see.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import secrets
 import time
@@ -23,19 +27,16 @@ from typing import Any
 import bcrypt
 import jwt
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
+from api.bodies import read_body
 from api.models import AuthRequest, parse
 from api.responses import BadRequest, Forbidden, Unauthorized, json_response
-from api.safety import parse_json
 from api.state import CONFIG, DB
 from kowalski.config import Config
+from kowalski.surveys import SURVEYS
 
-PUBLIC_PROGRAMIDS = [1]
-ALL_PROGRAMIDS = [0, 1, 2, 3]
 USER_CACHE_SECONDS = 5.0
 REQUIRED_CLAIMS = ["user_id", "iat", "uid", "gen"]
-FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger("kowalski.api")
 
@@ -48,17 +49,33 @@ class User:
     generation: int = 0
     programids: dict[str, list[int]] = field(default_factory=dict)
 
-    def allowed_programids(self, survey: str = "ZTF") -> list[int]:
+    def allowed_programids(self, survey: str) -> list[int]:
+        """The programids of `survey` (registry name) this user may see."""
+        known = SURVEYS[survey]
         if self.admin:
-            return ALL_PROGRAMIDS
-        return self.programids.get(survey, PUBLIC_PROGRAMIDS)
+            return list(known.programids)
+        return self.programids.get(survey, list(known.public_programids))
 
-    def sees_everything(self, survey: str = "ZTF") -> bool:
-        return set(ALL_PROGRAMIDS) <= set(self.allowed_programids(survey))
+    def sees_everything(self, survey: str) -> bool:
+        return set(SURVEYS[survey].programids) <= set(self.allowed_programids(survey))
+
+
+BCRYPT_ROUNDS = 12
 
 
 def hash_password(password: str) -> str:
-    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(12)).decode()
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(BCRYPT_ROUNDS)).decode()
+
+
+@functools.cache
+def dummy_hash() -> str:
+    """A hash of the same cost as users' that no password matches: unknown users and users
+    without a usable hash are checked against it, so that every login costs one bcrypt check."""
+    return hash_password(secrets.token_urlsafe(32))
+
+
+def usable_hash(hashed: str) -> bool:
+    return hashed.startswith(("$2a$", "$2b$", "$2y$")) and len(hashed) == 60
 
 
 def check_password(password: str, hashed: str) -> bool:
@@ -89,6 +106,12 @@ def user_from_doc(doc: dict[str, Any], cfg: Config) -> User:
     )
 
 
+def token_lifetime(cfg: Config) -> int | None:
+    """Seconds a token is valid: `server.token_ttl`, or upstream's `JWT_EXP_DELTA_SECONDS`;
+    None: tokens do not expire."""
+    return cfg.server.token_ttl or cfg.server.JWT_EXP_DELTA_SECONDS
+
+
 def issue_token(cfg: Config, user: User) -> str:
     now = dt.datetime.now(dt.UTC)
     payload: dict[str, Any] = {
@@ -98,8 +121,9 @@ def issue_token(cfg: Config, user: User) -> str:
         "created_at": now.strftime("%Y-%m-%dT%H:%M:%S.%f"),
         "iat": int(now.timestamp()),
     }
-    if cfg.server.JWT_EXP_DELTA_SECONDS:
-        payload["exp"] = int(now.timestamp()) + cfg.server.JWT_EXP_DELTA_SECONDS
+    lifetime = token_lifetime(cfg)
+    if lifetime:
+        payload["exp"] = int(now.timestamp()) + lifetime
     return jwt.encode(payload, cfg.server.JWT_SECRET_KEY, algorithm=cfg.server.JWT_ALGORITHM)
 
 
@@ -145,8 +169,13 @@ class UserCache:
         hit = self._entries.get(username)
         if hit and hit[0] > now:
             return hit[1]
+        return await self.load(request, username)
+
+    async def load(self, request: web.Request, username: str) -> User | None:
+        """The user as stored now (cached from now on)."""
+        now = time.monotonic()
         cfg: Config = request.app[CONFIG]
-        doc = await request.app[DB][cfg.database.collections["users"]].find_one(
+        doc = await request.app[DB][cfg.database.collection("users")].find_one(
             {"_id": username}, {"password": 0}
         )
         user = user_from_doc(doc, cfg) if doc else None
@@ -164,12 +193,32 @@ async def authenticate(request: web.Request) -> User | None:
         return None
     cfg: Config = request.app[CONFIG]
     payload = decode_token(cfg, token_from_header(header))
-    user = await request.app[USER_CACHE].get(request, str(payload["user_id"]))
+    cache, username = request.app[USER_CACHE], str(payload["user_id"])
+    user = await cache.get(request, username)
+    if not matches(payload, user) and not older(payload, user):
+        # the token is newer than this worker's cached user (a password change, revocation or
+        # re-creation made through another worker): judge it by the stored user
+        user = await cache.load(request, username)
     if user is None or not user.uid or payload["uid"] != user.uid:
         raise Unauthorized("the user of this token no longer exists")
     if payload["gen"] != user.generation:
         raise Unauthorized("token revoked (password changed or revoked by an admin)")
     return user
+
+
+def matches(payload: dict[str, Any], user: User | None) -> bool:
+    return user is not None and payload["uid"] == user.uid and payload["gen"] == user.generation
+
+
+def older(payload: dict[str, Any], user: User | None) -> bool:
+    """A token of the cached user issued before its current generation: refused as it is."""
+    gen = payload["gen"]
+    return (
+        user is not None
+        and payload["uid"] == user.uid
+        and isinstance(gen, int)
+        and gen < user.generation
+    )
 
 
 USER: web.RequestKey[User | None] = web.RequestKey("user")
@@ -194,45 +243,12 @@ def admin_required(handler: Handler) -> Handler:
     return wrapped
 
 
-async def body_text(request: web.Request) -> str:
-    """The request body decoded with its declared charset (default UTF-8)."""
-    raw = await request.read()
-    charset = request.charset or "utf-8"
-    try:
-        return raw.decode(charset)
-    except LookupError:
-        raise BadRequest(f"unknown charset {charset!r} in Content-Type") from None
-    except UnicodeDecodeError as exc:
-        raise BadRequest(f"request body is not valid {charset}: {exc.reason}") from None
-
-
-async def form_body(request: web.Request) -> dict[str, Any]:
-    try:
-        return dict(await request.post())
-    except (ValueError, LookupError, AssertionError, KeyError, HttpProcessingError) as exc:
-        raise BadRequest(f"malformed {request.content_type} body: {exc}") from None
-
-
-async def read_body(request: web.Request) -> dict[str, Any]:
-    """JSON body (form data accepted too, as upstream); always a mapping."""
-    if request.content_type in FORM_TYPES:
-        body = await form_body(request)
-    else:
-        text = await body_text(request)
-        if not text.strip():
-            return {}
-        body = parse_json(text, "request body")
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    return body
-
-
 async def ensure_uid(request: web.Request, doc: dict[str, Any]) -> dict[str, Any]:
     """Users stored before token ids existed get one at their next login."""
     if doc.get("uid"):
         return doc
     cfg: Config = request.app[CONFIG]
-    users = request.app[DB][cfg.database.collections["users"]]
+    users = request.app[DB][cfg.database.collection("users")]
     await users.update_one({"_id": doc["_id"], "uid": None}, {"$set": {"uid": new_uid()}})
     request.app[USER_CACHE].invalidate(doc["_id"])
     return await users.find_one({"_id": doc["_id"]}, {"password": 0}) or doc
@@ -245,8 +261,10 @@ async def auth_post(request: web.Request) -> web.Response:
     username, password, version = body.username, body.password, body.penquins_version
     if version is not None and version not in cfg.misc.supported_penquins_versions:
         raise BadRequest(f"unsupported version of penquins: {version}")
-    doc = await request.app[DB][cfg.database.collections["users"]].find_one({"_id": username})
-    hashed = doc.get("password", "") if doc else ""
+    doc = await request.app[DB][cfg.database.collection("users")].find_one({"_id": username})
+    hashed = str(doc.get("password") or "") if doc else ""
+    if not usable_hash(hashed):
+        hashed = dummy_hash()  # the same bcrypt work as for a known user: no timing oracle
     ok = await asyncio.get_running_loop().run_in_executor(None, check_password, password, hashed)
     if not doc or not ok:
         raise Unauthorized("wrong username or password")

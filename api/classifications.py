@@ -9,7 +9,8 @@ from typing import Any
 from aiohttp import web
 from pymongo import UpdateOne
 
-from api.auth import admin_required, current_user, read_body
+from api.auth import admin_required, current_user
+from api.bodies import read_body
 from api.models import ClassificationsDelete, ClassificationsPut, parse
 from api.responses import BadRequest, NotFound, path_int, success
 from api.state import CONFIG, DB

@@ -4,7 +4,6 @@ over archived alerts."""
 
 from __future__ import annotations
 
-import datetime as dt
 import secrets
 import string
 from typing import Any
@@ -13,12 +12,14 @@ from aiohttp import web
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
-from api.auth import admin_required, read_body
+from api.auth import admin_required
+from api.bodies import read_body
 from api.models import FilterCreate, FilterPatch, FilterTest, parse
 from api.responses import BadRequest, path_int, success
 from api.safety import check_filter_pipeline
 from api.state import CONFIG, DB, collection
 from kowalski.config import Config
+from kowalski.documents import utcnow
 from kowalski.filtering import (
     FilterError,
     archive_pipeline,
@@ -27,6 +28,7 @@ from kowalski.filtering import (
     serialize_pipeline,
 )
 from kowalski.results import validate_stream
+from kowalski.stored_filters import new_filter, new_version
 
 AUTOSAVE_KEYS = {"active", "comment", "ignore_group_ids", "pipeline", "saver_id"}
 AUTO_FOLLOWUP_KEYS = {
@@ -49,10 +51,6 @@ PRIORITY_ORDER_CLASH = (
     "Cannot add new filter with auto_followup: existing filters with the same allocation "
     "have priority_order set to a different value, which is unexpected"
 )
-
-
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def new_fid() -> str:
@@ -188,27 +186,23 @@ async def filters_post(request: web.Request) -> web.Response:
         request, base, body.get("autosave", False), body.get("auto_followup", {})
     )
     stream = stream_option(body.get("stream", False))
-    version = {"fid": new_fid(), "pipeline": serialize_pipeline(pipeline), "created_at": now()}
+    version = new_version(new_fid(), pipeline, utcnow())
     if existing is None:
-        await _filters(request).insert_one(
-            {
-                "group_id": group_id,
-                "filter_id": filter_id,
-                "catalog": catalog,
-                "permissions": permissions,
-                "active": True,
-                "active_fid": version["fid"],
-                "autosave": autosave,
-                "auto_followup": auto_followup,
-                "update_annotations": bool(body.get("update_annotations", False)),
-                "stream": stream,
-                "fv": [version],
-                "created_at": now(),
-                "last_modified": now(),
-            }
+        document = new_filter(
+            filter_id,
+            group_id,
+            catalog,
+            permissions,
+            version,
+            autosave=autosave,
+            auto_followup=auto_followup,
         )
+        document["update_annotations"] = bool(body.get("update_annotations", False))
+        document["stream"] = stream
+        document["created_at"] = document["last_modified"] = version["created_at"]
+        await _filters(request).insert_one(dict(document))
     else:
-        update: dict[str, Any] = {"active_fid": version["fid"], "last_modified": now()}
+        update: dict[str, Any] = {"active_fid": version["fid"], "last_modified": utcnow()}
         for key, value in (("autosave", autosave), ("auto_followup", auto_followup)):
             if key in body:
                 update[key] = value
@@ -245,7 +239,7 @@ async def filters_patch(request: web.Request) -> web.Response:
     body = await read_body(request)
     filter_id = parse(FilterPatch, body).filter_id
     doc = await _get(request, filter_id)
-    update: dict[str, Any] = {"last_modified": now()}
+    update: dict[str, Any] = {"last_modified": utcnow()}
     if "active" in body:
         update["active"] = body["active"]
     if "active_fid" in body:

@@ -4,6 +4,7 @@ their meaning (status and message) instead of being rewritten to reason phrases.
 from __future__ import annotations
 
 import logging
+import time
 
 from aiohttp import web
 from bson.errors import InvalidDocument
@@ -17,15 +18,37 @@ from pymongo.errors import (
 from api.auth import USER, Handler, authenticate
 from api.policy import data_rights
 from api.responses import ApiError, error
+from kowalski import metrics
 
 log = logging.getLogger("kowalski.api")
 
-PUBLIC_PATHS = frozenset({"/api/auth"})
+PUBLIC_PATHS = frozenset({"/api/auth", "/healthz", "/readyz"})
 PUBLIC_PREFIXES = ("/docs/api",)
 
 
 def is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Requests by route pattern, method and status, and their latency (kowalski/metrics.py)."""
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.API_SECONDS.labels(name, request.method).observe(time.perf_counter() - started)
+        metrics.API_REQUESTS.labels(name, request.method, str(status)).inc()
+        if status == 401:
+            metrics.API_AUTH_FAILURES.inc()
 
 
 @web.middleware

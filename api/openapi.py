@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from api import models
 from api.middlewares import is_public
+from api.queries import QUERY_TYPES
 from api.state import CONFIG
 from kowalski.config import Config
 from kowalski.surveys import SURVEYS
@@ -31,6 +32,8 @@ REQUEST_BODIES: dict[tuple[str, str], type[BaseModel] | dict[str, Any]] = {
     ("POST", "/api/filters"): models.FilterCreate,
     ("PATCH", "/api/filters"): models.FilterPatch,
     ("POST", "/api/filters/{filter_id}/test"): models.FilterTest,
+    ("POST", "/api/filters/{filter_id}/backfill"): models.BackfillCreate,
+    ("POST", "/api/filters/{filter_id}/explain"): models.FilterExplain,
     ("PUT", "/api/classifications/{survey}"): models.ClassificationsPut,
     ("DELETE", "/api/classifications/{survey}"): models.ClassificationsDelete,
     ("PUT", "/api/triggers/{kind}"): {
@@ -95,11 +98,11 @@ def queries_schema(components: dict[str, Any]) -> dict[str, Any]:
                 "required": ["query_type", "query"],
                 "properties": {
                     "query_type": {"type": "string", "enum": [name]},
-                    "query": model_schema(model, components),
+                    "query": model_schema(kind.model, components),
                     "kwargs": options,
                 },
             }
-            for name, model in models.QUERY_MODELS.items()
+            for name, kind in QUERY_TYPES.items()
         ]
     }
 
@@ -130,6 +133,20 @@ def responses(path: str) -> dict[str, Any]:
     return {"200": ok, **ERRORS}
 
 
+JOB_ID = {
+    "name": "job_id",
+    "in": "query",
+    "required": False,
+    "description": "one job (default: every job of the filter the user may see)",
+    "schema": {"type": "string"},
+}
+# query-string parameters per (method, path pattern)
+QUERY_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("GET", "/api/filters/{filter_id}/backfill"): [JOB_ID],
+    ("DELETE", "/api/filters/{filter_id}/backfill"): [JOB_ID],
+}
+
+
 def operation(method: str, path: str, handler: Any, components: dict[str, Any]) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary(handler), "responses": responses(path)}
     names = re.findall(r"{(\w+)}", path)
@@ -143,6 +160,9 @@ def operation(method: str, path: str, handler: Any, components: dict[str, Any]) 
             }
             for name in names
         ]
+    query = QUERY_PARAMETERS.get((method, re.sub(r"{(\w+):[^}]+}", r"{\1}", path)), [])
+    if query:
+        op["parameters"] = [*op.get("parameters", []), *query]
     body = body_schema(method, path, components)
     if body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}

@@ -5,6 +5,8 @@ Restricted collections (of surveys whose registry entry has `rights="programid"`
 may not see every programid of that survey; today ZTF):
 - alerts (`ZTF_alerts`): only alerts whose `candidate.programid` is permitted exist for the user;
 - aux (`ZTF_alerts_aux`): only the permitted points of `prv_candidates` and `fp_hists` exist.
+Back-fill passes (`filter_backfill_passes`): a user who is not an admin sees only the records of
+their own jobs.
 The restriction is applied first; the user's filter, projection and stages only ever see its
 result, so no filter can test hidden points (no yes/no oracles through counts or `$or`).
 """
@@ -22,6 +24,7 @@ from api.models import collection_name
 from api.responses import Forbidden
 from api.safety import referenced_collections
 from api.state import CONFIG
+from kowalski.backfill import passes_collection
 from kowalski.config import Config
 from kowalski.db import system_collection_names
 from kowalski.surveys import Survey, survey_for_collection
@@ -55,9 +58,18 @@ class DataRights:
             return None
         return None if self.user.sees_everything(survey.name) else survey
 
+    def owned_clause(self, catalog: str) -> dict[str, Any] | None:
+        """For collections of per-user records (back-fill passes): a non-admin sees only the
+        records of their own jobs (None: no such restriction)."""
+        if self.admin or catalog != passes_collection(self.cfg):
+            return None
+        return {"owner": self.user.username}
+
     def restricted(self, catalog: str) -> bool:
         """Whether this user sees only part of `catalog`."""
-        return self.restricting_survey(catalog) is not None
+        return (
+            self.restricting_survey(catalog) is not None or self.owned_clause(catalog) is not None
+        )
 
     def is_aux(self, catalog: str) -> bool:
         survey = survey_for_collection(self.cfg.database.collections, catalog)
@@ -84,7 +96,9 @@ class DataRights:
     # ------------------------------------------------------------------ restriction
 
     def document_clause(self, catalog: str) -> dict[str, Any] | None:
-        """A query clause selecting only the alerts this user may see (None: all)."""
+        """A query clause selecting only the documents this user may see (None: all)."""
+        if (owned := self.owned_clause(catalog)) is not None:
+            return owned
         survey = self.restricting_survey(catalog)
         if survey is None or self.is_aux(catalog):
             return None

@@ -3,7 +3,9 @@ cone_search, near, skymap, drop, with upstream request/response shapes.
 
 Better than upstream: per-user ZTF programid permissions on alerts and their history, applied
 before the user's filter and stages in every query type (`api/policy.py`); JavaScript, write and
-administration operators refused at any depth, and regular expressions with nested quantifiers;
+administration operators refused at any depth, and regular expressions that may backtrack
+catastrophically (`api/safety.py`), non-admin queries with a regular expression running at most
+`misc.regex_max_time_ms`;
 all input validated before the first database call; every database call bounded by a wall-clock
 deadline of `max_time_ms` (plus a small grace) on the API side, whatever the server does with
 `maxTimeMS`; at most `misc.max_concurrent_queries` queries per user at a time per worker;
@@ -22,9 +24,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pymongo.asynchronous.database import AsyncDatabase
 
-from api.auth import read_body
+from api.bodies import read_body
 from api.models import (
-    QUERY_MODELS,
+    QUERY_TYPE_NAMES,
     AggregateQuery,
     CatalogSpec,
     ConeSearchQuery,
@@ -33,6 +35,7 @@ from api.models import (
     EstimatedCountQuery,
     FindQuery,
     InfoQuery,
+    Model,
     NearQuery,
     QueryOptions,
     QueryRequest,
@@ -42,9 +45,10 @@ from api.models import (
 )
 from api.policy import DataRights, data_rights
 from api.responses import BadRequest, Forbidden, NotFound, TooManyRequests, stream_list, success
+from api.safety import regex_patterns
 from api.skymap import CELLS
 from api.state import CONFIG, DB
-from kowalski import cones
+from kowalski import cones, metrics
 from kowalski.config import Config
 from kowalski.skycells import CELL_FIELD, ranges_clause
 
@@ -90,6 +94,7 @@ class QueryContext:
                 return await work
         except TimeoutError:
             if deadline.expired():
+                metrics.API_QUERIES_REFUSED.labels("deadline").inc()
                 raise BadRequest(f"query exceeded max_time_ms ({self.max_time_ms} ms)") from None
             raise
 
@@ -347,7 +352,8 @@ async def batched_cones(
             return dict(zip(names, docs, strict=True))
         projection, strip = plan
 
-        async def find(query: dict[str, Any]) -> list[Any]:
+        # the order is the user's (query options), as in the per-object queries
+        async def find(query: dict[str, Any], _sort: cones.Sort | None) -> list[Any]:
             async with semaphore:
                 return await find_list(ctx, catalog, query, projection)
 
@@ -412,7 +418,7 @@ def cell_ranges_clause(ranges: list[list[int]]) -> dict[str, Any]:
 async def q_skymap(ctx: QueryContext, query: SkymapQuery) -> web.StreamResponse:
     catalog = ctx.rights.check_catalog(query.catalog)
     contour = query.skymap.contour_key
-    skymaps = ctx.db[ctx.cfg.database.collections["skymaps"]]
+    skymaps = ctx.db[ctx.cfg.database.collection("skymaps")]
     projection = {f"contours.{contour}": 1, f"{CELLS}.{contour}": 1}
     doc = await ctx.bounded(skymaps.find_one(query.skymap.selector(), projection))
     if doc is None:
@@ -440,18 +446,28 @@ async def q_drop(ctx: QueryContext, query: DropQuery) -> web.StreamResponse:
     return success("Successfully dropped collection")
 
 
-QUERY_TYPES: dict[str, Callable[[QueryContext, Any], Awaitable[web.StreamResponse]]] = {
-    "find": q_find,
-    "find_one": q_find_one,
-    "count_documents": q_count_documents,
-    "estimated_document_count": q_estimated_document_count,
-    "aggregate": q_aggregate,
-    "info": q_info,
-    "cone_search": q_cone_search,
-    "near": q_near,
-    "skymap": q_skymap,
-    "drop": q_drop,
+@dataclass(frozen=True)
+class QueryType:
+    """A query type of `POST /api/queries`: the model its `query` is parsed with, its handler."""
+
+    model: type[Model]
+    handler: Callable[[QueryContext, Any], Awaitable[web.StreamResponse]]
+
+
+QUERY_TYPES: dict[str, QueryType] = {
+    "find": QueryType(FindQuery, q_find),
+    "find_one": QueryType(FindQuery, q_find_one),
+    "count_documents": QueryType(CountQuery, q_count_documents),
+    "estimated_document_count": QueryType(EstimatedCountQuery, q_estimated_document_count),
+    "aggregate": QueryType(AggregateQuery, q_aggregate),
+    "info": QueryType(InfoQuery, q_info),
+    "cone_search": QueryType(ConeSearchQuery, q_cone_search),
+    "near": QueryType(NearQuery, q_near),
+    "skymap": QueryType(SkymapQuery, q_skymap),
+    "drop": QueryType(DropQuery, q_drop),
 }
+if tuple(QUERY_TYPES) != QUERY_TYPE_NAMES:  # the request model's vocabulary is this table's
+    raise RuntimeError(f"QUERY_TYPE_NAMES {QUERY_TYPE_NAMES} != {tuple(QUERY_TYPES)}")
 
 
 class QuerySlots:
@@ -472,6 +488,7 @@ class QuerySlots:
             async with asyncio.timeout(wait_s):
                 await semaphore.acquire()
         except TimeoutError:
+            metrics.API_QUERIES_REFUSED.labels("cap").inc()
             raise TooManyRequests(
                 f"too many concurrent queries for user {username} (at most {self.limit}); "
                 "retry when one has finished"
@@ -490,9 +507,14 @@ async def queries_post(request: web.Request) -> web.StreamResponse:
     cfg: Config = request.app[CONFIG]
     body = parse(QueryRequest, await read_body(request))
     options = query_options(body.kwargs, cfg.misc.max_time_ms)
-    query = parse(QUERY_MODELS[body.query_type], body.query)
+    kind = QUERY_TYPES[body.query_type]
+    query = parse(kind.model, body.query)
     rights = data_rights(request)
+    if not rights.user.admin and any(regex_patterns(query.model_dump())):
+        limit = min(options.max_time_ms, cfg.misc.regex_max_time_ms)
+        options = options.model_copy(update={"max_time_ms": limit})
     ctx = QueryContext(request, cfg, request.app[DB], rights, options)
     wait_s = ctx.max_time_ms / 1000 + DEADLINE_GRACE_S
-    async with request.app[QUERY_SLOTS].slot(rights.user.username, wait_s):
-        return await QUERY_TYPES[body.query_type](ctx, query)
+    with metrics.API_QUERY_SECONDS.labels(body.query_type).time():
+        async with request.app[QUERY_SLOTS].slot(rights.user.username, wait_s):
+            return await kind.handler(ctx, query)

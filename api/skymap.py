@@ -11,22 +11,30 @@ upstream Kowalski: dates as ISO strings, 409 `already_exists`, and a missing sky
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import ipaddress
 import math
 import os
+import socket
 from typing import Any
 from urllib.parse import urlparse
 
 import aiohttp
 import numpy as np
 from aiohttp import web
+from aiohttp.abc import ResolveResult
+from aiohttp.resolver import ThreadedResolver
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DocumentTooLarge, DuplicateKeyError, WriteError
+from yarl import URL
 
-from api.auth import admin_required, read_body
+from api.auth import admin_required
+from api.bodies import read_body
 from api.models import SkymapPut, parse, parse_dateobs, parse_levels, plain_triggerid, text
 from api.responses import BadRequest, json_response, success
-from api.state import collection
+from api.state import CONFIG, collection
+from kowalski.config import IPNetwork
 from kowalski.coords import parse_dec, parse_ra
 from kowalski.skymaps import (
     MAX_SKYMAP_BYTES,
@@ -41,6 +49,8 @@ from kowalski.skymaps import (
 
 RING_POINTS = 72
 FETCH_TIMEOUT_S = 30.0
+MAX_REDIRECTS = 5
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 NO_SKYMAP = "no skymap found"
 # (localization_name, center, {contourN: MultiPolygon}, {contourN: order-29 cell ranges}); the
 # ranges (multi-order maps only) are stored apart under `cells` so GET answers as upstream does
@@ -114,28 +124,98 @@ def polygon_contours(skymap: dict[str, Any], levels: list[int | float]) -> Conto
 # ------------------------------------------------------------------ multi-order maps
 
 
-async def fetch_skymap(url: Any) -> bytes:
-    """GET a sky map file: http(s) only, a time limit and a size limit; any failure is a 400."""
-    if not isinstance(url, str) or urlparse(url).scheme not in ("http", "https"):
+Networks = tuple[IPNetwork, ...]
+
+
+class RefusedAddress(OSError):
+    """A sky map URL's host is (or resolves to) an address the API may not fetch from."""
+
+
+def fetchable(address: str, allow: Networks) -> bool:
+    """Public addresses, and those of the allow-listed networks: never private, loopback,
+    link-local or otherwise internal ones (IPv4-mapped IPv6 judged as its IPv4 address)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global or any(ip in network for network in allow)
+
+
+def check_addresses(host: str, addresses: list[str], allow: Networks) -> None:
+    refused = sorted({a for a in addresses if not fetchable(a, allow)})
+    if refused:
+        raise RefusedAddress(
+            f"{host} is (or resolves to) the internal address {refused[0]}: sky maps are not "
+            "fetched from private, loopback or link-local addresses unless the network is in "
+            "server.skymap_fetch_allow"
+        )
+
+
+class CheckedResolver(ThreadedResolver):
+    """Resolves names as usual and refuses them when any of their addresses is internal, at
+    connection time (so a name cannot change its answer between a check and the fetch)."""
+
+    def __init__(self, allow: Networks) -> None:
+        super().__init__()
+        self.allow = allow
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await super().resolve(host, port, family)
+        check_addresses(host, [r["host"] for r in results], self.allow)
+        return results
+
+
+def check_url(url: URL, allow: Networks) -> None:
+    """http(s) only; an address given literally (never resolved) is checked here."""
+    if url.scheme not in ("http", "https") or not url.host:
+        raise BadRequest("skymap url must be an http(s) URL")
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(url.host.split("%", 1)[0])
+        try:
+            check_addresses(url.host, [url.host], allow)
+        except RefusedAddress as exc:
+            raise BadRequest(f"could not fetch skymap from {url}: {exc}") from None
+
+
+async def read_limited(response: aiohttp.ClientResponse, url: URL) -> bytes:
+    if response.status != 200:
+        raise BadRequest(f"could not fetch skymap from {url}: HTTP {response.status}")
+    content = bytearray()
+    async for chunk in response.content.iter_chunked(1 << 16):
+        content += chunk
+        if len(content) > MAX_SKYMAP_BYTES:
+            raise BadRequest(f"skymap at {url} is larger than {MAX_SKYMAP_BYTES} bytes")
+    return bytes(content)
+
+
+async def fetch_skymap(url: Any, allow: Networks = ()) -> bytes:
+    """GET a sky map file: http(s) only, from public addresses (or allow-listed networks), each
+    redirect checked as the first URL; a time limit and a size limit; any failure is a 400."""
+    if not isinstance(url, str):
         raise BadRequest("skymap url must be an http(s) URL")
     timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S)
+    connector = aiohttp.TCPConnector(resolver=CheckedResolver(allow))
     try:
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(url) as response,
-        ):
-            if response.status != 200:
-                raise BadRequest(f"could not fetch skymap from {url}: HTTP {response.status}")
-            content = bytearray()
-            async for chunk in response.content.iter_chunked(1 << 16):
-                content += chunk
-                if len(content) > MAX_SKYMAP_BYTES:
-                    raise BadRequest(f"skymap at {url} is larger than {MAX_SKYMAP_BYTES} bytes")
-            return bytes(content)
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise BadRequest(
-            f"could not fetch skymap from {url}: {exc or type(exc).__name__}"
-        ) from None
+        target = URL(url)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            for _ in range(MAX_REDIRECTS + 1):
+                check_url(target, allow)
+                async with session.get(target, allow_redirects=False) as response:
+                    location = response.headers.get("Location")
+                    if response.status not in REDIRECTS or not location:
+                        return await read_limited(response, target)
+                    target = target.join(URL(location))
+        raise BadRequest(f"could not fetch skymap from {url}: more than {MAX_REDIRECTS} redirects")
+    except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
+        raise BadRequest(f"could not fetch skymap from {url}: {fetch_error(exc)}") from None
+
+
+def fetch_error(exc: Exception) -> str:
+    """Why a fetch failed, in words (a refused address says which, not just 'cannot connect')."""
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, RefusedAddress):
+        return str(exc.os_error)
+    return str(exc) or type(exc).__name__
 
 
 def url_name(url: str) -> str:
@@ -143,8 +223,10 @@ def url_name(url: str) -> str:
     return os.path.basename(urlparse(url).path)
 
 
-async def multiorder_from_url(url: Any, levels: list[int | float]) -> Contours:
-    content = await fetch_skymap(url)
+async def multiorder_from_url(
+    url: Any, levels: list[int | float], allow: Networks = ()
+) -> Contours:
+    content = await fetch_skymap(url, allow)
     try:
         sky = await asyncio.to_thread(read_multiorder_fits, content)
         center, contours, cells = await asyncio.to_thread(multiorder_contours, sky, levels)
@@ -163,12 +245,15 @@ async def multiorder_from_arrays(skymap: dict[str, Any], levels: list[int | floa
     return name, center, contours, cells
 
 
-async def contours_for(skymap: dict[str, Any], levels: list[int | float]) -> Contours:
-    """The Contours of any accepted skymap form."""
+async def contours_for(
+    skymap: dict[str, Any], levels: list[int | float], allow: Networks = ()
+) -> Contours:
+    """The Contours of any accepted skymap form (`allow`: the internal networks a sky map URL
+    may point to)."""
     if {"uniq", "probdensity"} <= set(skymap):
         return await multiorder_from_arrays(skymap, levels)
     if "url" in skymap:
-        return await multiorder_from_url(skymap["url"], levels)
+        return await multiorder_from_url(skymap["url"], levels, allow)
     if {"ra", "dec", "error"} <= set(skymap):
         return cone_contours(skymap, levels)
     if "polygon" in skymap:
@@ -230,7 +315,8 @@ async def skymap_put(request: web.Request) -> web.Response:
         source = body.skymap
     if dateobs is None:
         raise BadRequest("dateobs is required in the request body or the VOEvent")
-    name, center, contours, cells = await contours_for(source, levels)
+    allow = request.app[CONFIG].server.skymap_fetch_allow
+    name, center, contours, cells = await contours_for(source, levels, allow)
     coll = _skymaps(request)
     existing = await coll.find_one(lookup(dateobs, name, triggerid, aliases))
     summary: dict[str, Any] = {"dateobs": dateobs.isoformat(), "localization_name": name}

@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from api.auth import admin_required, read_body
+from api.auth import admin_required
+from api.bodies import read_body
 from api.models import MmaTrigger, Model, TooTrigger, TriggerDelete, parse, text
 from api.responses import ApiError, BadRequest, Conflict, success
 from api.state import CONFIG

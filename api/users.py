@@ -4,18 +4,19 @@ revoke all of a user's tokens (`POST /api/users/{username}/revoke`)."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from typing import Any
 
 from aiohttp import web
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from api.auth import USER_CACHE, admin_required, hash_password, new_uid, read_body
+from api.auth import USER_CACHE, admin_required, hash_password, new_uid
+from api.bodies import read_body
 from api.models import UserCreate, UserUpdate, parse
 from api.responses import BadRequest, NotFound, success
 from api.state import CONFIG, collection
 from kowalski.config import Config
+from kowalski.documents import utcnow
 
 
 def _users(request: web.Request) -> AsyncCollection[dict[str, Any]]:
@@ -39,7 +40,7 @@ async def users_post(request: web.Request) -> web.Response:
         "token_generation": 0,
         "permissions": body.permissions,
         "admin": body.admin,
-        "last_modified": dt.datetime.now(dt.UTC).replace(tzinfo=None),
+        "last_modified": utcnow(),
     }
     try:
         await _users(request).insert_one(doc)
@@ -71,7 +72,7 @@ async def users_put(request: web.Request) -> web.Response:
     doc = await users.find_one({"_id": username})
     if doc is None:
         raise NotFound(f"user {username} not found")
-    update: dict[str, Any] = {"last_modified": dt.datetime.now(dt.UTC).replace(tzinfo=None)}
+    update: dict[str, Any] = {"last_modified": utcnow()}
     revoke = bool(body.password)
     if revoke:
         update["password"] = await _hash(str(body.password))

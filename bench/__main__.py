@@ -1,11 +1,17 @@
 """Benchmarks: `./kowalski.py bench [--night N] [--out FILE]` (the night benchmark, default),
+`./kowalski.py bench --survey lsst` (the same with a Rubin night, bench/lsstnight.py),
 `./kowalski.py bench --micro` (micro benchmarks of single stages, bench/micro.py),
-`./kowalski.py bench --profile` (cProfile of the pipeline over the night, bench/profile.py).
+`./kowalski.py bench --profile` (cProfile of the pipeline over the night, bench/profile.py),
+`./kowalski.py bench --ingesters N --workers M` (scale-out: N ingester processes and an external dask
+scheduler with 1, then M, worker processes; the scaling ratio; bench/scaling.py).
 
-The night benchmark builds a night of N alerts from the real ZTF packets in data/ (copies with new
+The night benchmark builds a night of N alerts from the real packets in data/ (copies with new
 ids, jittered positions and times; bench/nightdata.py), SYNTHETIC cross-match catalogs, 25 filters
-and preloaded history, runs it through real Kafka and the ingester twice in the same run (batched,
-then one alert at a time as upstream does), then loads the API with concurrent penquins-style
+and preloaded history, and runs it through real Kafka and the ingester in three modes: batched;
+the batched pipeline one alert at a time (batches of 1); upstream's way (bench/upstream.py: alert by
+alert, each filter its own aggregation, the history `$addToSet`). Each mode runs --repeat times
+(interleaved); the table shows each figure's median and range (min-max), and the ratios of
+alerts/s within each repetition. Then (ZTF) the API is loaded with concurrent penquins-style
 queries (bench/api_load.py). It prints a table and writes everything as JSON to --out.
 """
 
@@ -14,47 +20,62 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from bench.api_load import run_api
+from bench.backfill import backfill_line, run_backfill
+from bench.dashboard import Sampler, render
 from bench.micro import run_micro
-from bench.night import Services, bench_environ, night_workdir, run_mode, services, write_night
-from bench.nightdata import (
-    FILTER_COUNT,
-    Night,
-    NightSpec,
-    build_night,
-    history_documents,
-    load_catalogs,
-    load_filters,
-    reset_archive,
-)
+from bench.night import run_mode, write_night
+from bench.nightdata import ZTF, Night, reset_archive
+from bench.prepared import cell, describe, fmt, prepared, spread
 from bench.profile import run_profile
-from kowalski.config import CONFIGURED, ROOT, Config, build_config, user_files
+from bench.scaling import scaling_bench, scaling_table
+from kowalski.config import CONFIGURED, ROOT, build_config, user_files
 from kowalski.connectivity import one_line_errors, require_database
+from kowalski.surveys import SURVEYS
 
 Doc = dict[str, Any]
-TARGETS = (  # (name, result path, goal, "max" or "min") from issue #9
+NIGHT_ALERTS, REPEAT = 2000, 3
+SCALING_NIGHT_ALERTS, SCALING_REPEAT = 400, 1  # a few minutes on a 2-core machine
+BATCHED, SINGLE, UPSTREAM = "batched", "one_at_a_time", "upstream_way"
+UPSTREAM_RATIO = f"{BATCHED} / {UPSTREAM}"
+SINGLE_RATIO = f"{BATCHED} / {SINGLE}"
+# (survey, name, result path to a median, goal, "max" or "min") from issue 23, on the 2-core machine
+TARGETS = (
     (
-        "DB round trips per alert (batched)",
-        ("modes", "batched", "round_trips_per_alert"),
-        0.1,
+        "ZTF",
+        "database server CPU ms/alert (batched)",
+        ("modes", BATCHED, "summary", "database server CPU ms/alert", "median"),
+        20.0,
         "max",
     ),
     (
-        "client CPU ms per alert (batched)",
-        ("modes", "batched", "client_cpu_ms_per_alert"),
-        10.0,
+        "ZTF",
+        "client CPU ms/alert (batched)",
+        ("modes", BATCHED, "summary", "client CPU ms/alert", "median"),
+        15.0,
         "max",
     ),
-    ("batched / one at a time, alerts/s", ("speedup",), 10.0, "min"),
-    ("alerts/s end to end (batched)", ("modes", "batched", "alerts_per_s"), 100.0, "min"),
+    (
+        "ZTF",
+        "alerts/s end to end (batched, 25 filters)",
+        ("modes", BATCHED, "summary", "alerts/s end to end", "median"),
+        45.0,
+        "min",
+    ),
+    ("ZTF", "batched / upstream's way, alerts/s", ("ratios", UPSTREAM_RATIO, "median"), 5.0, "min"),
+    (
+        "LSST",
+        "LSST night alerts/s end to end (batched)",
+        ("modes", BATCHED, "summary", "alerts/s end to end", "median"),
+        30.0,
+        "min",
+    ),
 )
 
 
@@ -64,7 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--night", type=int, default=2000, help="alerts in the night")
+    parser.add_argument(
+        "--night",
+        type=int,
+        default=None,
+        help=f"alerts in the night (default {NIGHT_ALERTS}; --ingesters: {SCALING_NIGHT_ALERTS})",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="ingester batch size")
     parser.add_argument(
         "--single",
@@ -73,7 +99,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the night's first N alerts run one at a time too (0: skip that mode; the ratio "
         "compares alerts/s)",
     )
-    parser.add_argument("--workers", type=int, default=2, help="dask worker processes")
+    parser.add_argument(
+        "--upstream",
+        type=int,
+        default=250,
+        help="the night's first N alerts run upstream's way too (bench/upstream.py; 0: skip)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help=f"runs of each mode (median and range reported; default {REPEAT}, --ingesters: "
+        f"{SCALING_REPEAT})",
+    )
+    parser.add_argument(
+        "--survey", choices=["ztf", "lsst"], default="ztf", help="whose real packets make the night"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="dask worker processes (--ingesters: the scaled run's, the baseline has 1)",
+    )
+    parser.add_argument(
+        "--ingesters",
+        type=int,
+        default=0,
+        help="scale-out mode: N ingester processes in one consumer group, an external dask "
+        "scheduler, the night with 1 worker then --workers; prints both rates and the scaling "
+        "ratio (0: the night benchmark)",
+    )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=4,
+        help="--ingesters: partitions per topic (at least the number of ingesters)",
+    )
     parser.add_argument(
         "--catalog-rows", type=int, default=20000, help="rows per SYNTHETIC cross-match catalog"
     )
@@ -84,6 +145,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-requests", type=int, default=400, help="0: skip the API mode")
     parser.add_argument("--api-concurrency", type=int, default=8)
     parser.add_argument("--api-processes", type=int, default=2, help="gunicorn workers")
+    parser.add_argument(
+        "--backfill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the night: alerts/s of one back-fill job over the archive (default on)",
+    )
+    parser.add_argument(
+        "--dashboard",
+        type=Path,
+        default=None,
+        help="render the metrics dashboard's panels of the first run to this PNG",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--database", default="kowalski_bench_night", help="database name (dropped and refilled)"
@@ -96,92 +169,76 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=3, help="--micro: pipeline rounds")
     parser.add_argument("--out", type=Path, default=None, help="JSON results")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    scaling = args.ingesters > 0
+    if args.night is None:
+        args.night = SCALING_NIGHT_ALERTS if scaling else NIGHT_ALERTS
+    if args.repeat is None:
+        args.repeat = SCALING_REPEAT if scaling else REPEAT
+    return args
 
 
 def subset(night: Night, count: int) -> Night:
-    return Night(night.spec, night.alerts[:count], night.objects)
+    return Night(night.spec, night.alerts[:count], night.objects, night.survey, night.fields)
 
 
-@dataclass
-class Prepared:
-    """Servers up, the night built, catalogs, filters and history loaded."""
-
-    svc: Services
-    env: dict[str, str]
-    cfg: Config
-    night: Night
-    history: list[Doc]
-    catalogs: dict[str, int]
-    workdir: Path
-
-
-@contextmanager
-def prepared(args: argparse.Namespace) -> Iterator[Prepared]:
-    spec = NightSpec(
-        alerts=args.night,
-        catalog_rows=args.catalog_rows,
-        history_fraction=args.history,
-        seed=args.seed,
-    )
-    workdir = night_workdir()
-    try:
-        with services(workdir) as svc:
-            env = bench_environ(svc, args.database)
-            cfg = build_config([], env)
-            print(f"building a night of {spec.alerts} alerts from the real packets ...", flush=True)
-            night = build_night(spec)
-            print("loading SYNTHETIC catalogs, filters and history ...", flush=True)
-            catalogs = load_catalogs(cfg, night)
-            load_filters(cfg)
-            history = history_documents(cfg, night)
-            yield Prepared(svc, env, cfg, night, history, catalogs, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def describe(args: argparse.Namespace, ready: Prepared) -> Doc:
-    return {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "database": ready.svc.database,
-            "kafka": "local" if "kafka" in ready.svc.pids else "KAFKA_BOOTSTRAP_SERVERS",
-        },
-        "night": {
-            "alerts": len(ready.night.alerts),
-            "objects": len(ready.night.objects),
-            "objects_with_history": len(ready.history),
-            "source": "copies of the 38 real ZTF packets in data/ztf_alerts "
-            "(new candid/objectId, jittered positions and times)",
-            "synthetic_catalogs": ready.catalogs,
-            "filters": FILTER_COUNT,
-            "produce_rate": args.rate or "all at once",
-        },
-    }
+def mode_plan(args: argparse.Namespace, night: Night) -> list[tuple[str, int, Night, bool]]:
+    """(label, batch size, alerts, upstream's way) of each mode the arguments ask for."""
+    modes = [(BATCHED, args.batch_size, night, False)]
+    for label, count, upstream in ((SINGLE, args.single, False), (UPSTREAM, args.upstream, True)):
+        if count > 0:
+            modes.append((label, 1, subset(night, min(count, len(night.alerts))), upstream))
+    return modes
 
 
 def night_bench(args: argparse.Namespace) -> Doc:
     with prepared(args) as ready:
-        results: Doc = {**describe(args, ready), "modes": {}}
+        results: Doc = {**describe(args, ready), "repeat": args.repeat, "modes": {}}
         night = ready.night
-        single = min(args.single, len(night.alerts))
-        modes = [("batched", args.batch_size, night)]
-        if single > 0:
-            modes.append(("one_at_a_time", 1, subset(night, single)))
-        for label, size, part in modes:
-            print(f"{label}: {len(part.alerts)} alerts through Kafka + ingester ...", flush=True)
-            reset_archive(ready.cfg, ready.history)
-            night_file = ready.workdir / f"{label}.night"
-            write_night(part, night_file)
-            results["modes"][label] = run_mode(
-                ready.env, ready.svc, part, night_file, label, size, args.workers, args.rate
-            )
-        if "one_at_a_time" in results["modes"]:
-            results["speedup"] = (
-                results["modes"]["batched"]["alerts_per_s"]
-                / results["modes"]["one_at_a_time"]["alerts_per_s"]
-            )
-        if args.api_requests:
+        survey = SURVEYS[night.survey]
+        plan = mode_plan(args, night)
+        for label, size, part, upstream in plan:
+            write_night(part, ready.workdir / f"{label}.night")
+            results["modes"][label] = {"batch_size": size, "upstream_way": upstream, "runs": []}
+        for number in range(1, args.repeat + 1):  # modes interleaved: a slow spell hits them all
+            for label, size, part, upstream in plan:
+                print(
+                    f"run {number}/{args.repeat}, {label}: {len(part.alerts)} alerts through "
+                    "Kafka + ingester ...",
+                    flush=True,
+                )
+                reset_archive(ready.cfg, ready.history, survey)
+                watch = (
+                    args.dashboard is not None
+                    and number == 1
+                    and (label, upstream)
+                    == (
+                        plan[0][0],
+                        plan[0][3],
+                    )
+                )
+                with Sampler() as sampler:
+                    results["modes"][label]["runs"].append(
+                        run_mode(
+                            ready.env,
+                            ready.svc,
+                            part,
+                            ready.workdir / f"{label}.night",
+                            f"{label}{number}",
+                            size,
+                            args.workers,
+                            args.rate,
+                            upstream,
+                        )
+                    )
+                if watch:
+                    title = f"Kowalski: {len(part.alerts)} {night.survey} alerts, {label} (bench)"
+                    print(f"dashboard: {render(sampler.samples, args.dashboard, title)}")
+        summarize(results)
+        if args.backfill:
+            print("back-fill: one job over the archive the night left ...", flush=True)
+            results["backfill"] = run_backfill(ready.cfg, survey)
+        if args.api_requests and night.survey == ZTF.name:
             print("API: concurrent penquins-style queries ...", flush=True)
             results["api"] = run_api(
                 ready.cfg,
@@ -198,10 +255,76 @@ def night_bench(args: argparse.Namespace) -> Doc:
 
 def profile_bench(args: argparse.Namespace, out: Path) -> Doc:
     with prepared(args) as ready:
-        reset_archive(ready.cfg, ready.history)
+        reset_archive(ready.cfg, ready.history, SURVEYS[ready.night.survey])
         print(f"profiling {len(ready.night.alerts)} alerts in batches of {args.batch_size} ...")
         summary = run_profile(ready.cfg, ready.night, args.batch_size, out)
         return {**describe(args, ready), "profile": summary}
+
+
+Figure = tuple[str, Callable[[Doc], Any], int]  # (name, value of one run, digits shown)
+
+
+def command_bytes(kind: str, run: Doc) -> Any:
+    return sum(run["db_bytes_per_alert_by_command"].get(kind, {}).values()) or None
+
+
+def stage_ms(stage: str, run: Doc) -> Any:
+    return run["stage_ms_per_alert"].get(stage)
+
+
+def server_ms(server: str, run: Doc) -> Any:
+    return run["server_cpu_ms_per_alert"].get(server)
+
+
+def figures(runs: list[Doc]) -> list[Figure]:
+    """The table's figures, for runs of any mode (per-command and per-stage rows: their union)."""
+    kinds = sorted({k for run in runs for k in run["db_bytes_per_alert_by_command"]})
+    stages = list(dict.fromkeys(s for run in runs for s in run["stage_ms_per_alert"]))
+    rows: list[Figure] = [
+        ("alerts", lambda m: m["stored"], 0),
+        ("alerts/s end to end", lambda m: m["alerts_per_s"], 1),
+        ("client CPU ms/alert", lambda m: m["client_cpu_ms_per_alert"], 1),
+        ("DB round trips/alert", lambda m: m["round_trips_per_alert"], 2),
+        ("DB bytes sent/alert", lambda m: m["db_bytes_per_alert"]["sent"], 0),
+        ("DB bytes received/alert", lambda m: m["db_bytes_per_alert"]["received"], 0),
+    ]
+    rows += [(f"  {k} bytes sent+recv/alert", partial(command_bytes, k), 0) for k in kinds]
+    rows += [
+        ("latency produce->archive p50 ms", lambda m: m["latency_ms"]["p50"], 0),
+        ("latency produce->archive p99 ms", lambda m: m["latency_ms"]["p99"], 0),
+    ]
+    rows += [(f"  stage {s} ms/alert", partial(stage_ms, s), 1) for s in stages]
+    rows.append(
+        (
+            "peak RSS MB (max process)",
+            lambda m: max(p["peak_rss_mb"] for p in m["processes"].values()),
+            0,
+        )
+    )
+    rows += [(f"{s} server CPU ms/alert", partial(server_ms, s), 1) for s in ("database", "kafka")]
+    rows.append(("passed filters", lambda m: m["passed_filters"], 0))
+    # (filter, alert) pairs recorded failed after their retries: counted, never hidden
+    rows.append(("filter failures", lambda m: m.get("filter_failures"), 0))
+    rows.append(("filter retries", lambda m: m.get("filter_retries"), 0))
+    return rows
+
+
+def summarize(results: Doc) -> None:
+    """Each mode's figures as median and range over its runs; the alerts/s ratios of batched to
+    the other modes, one per repetition (runs of one repetition are next to each other in time)."""
+    modes = results["modes"]
+    rows = figures([run for mode in modes.values() for run in mode["runs"]])
+    for mode in modes.values():
+        mode["summary"] = {
+            name: spread([value(r) for r in mode["runs"]]) for name, value, _ in rows
+        }
+    results["ratios"] = {}
+    for label, name in ((UPSTREAM, UPSTREAM_RATIO), (SINGLE, SINGLE_RATIO)):
+        if label in modes and BATCHED in modes:
+            pairs = zip(modes[BATCHED]["runs"], modes[label]["runs"], strict=True)
+            results["ratios"][name] = spread(
+                [b["alerts_per_s"] / o["alerts_per_s"] for b, o in pairs if o["alerts_per_s"]]
+            )
 
 
 def lookup(results: Doc, path: tuple[str, ...]) -> Any:
@@ -215,62 +338,42 @@ def lookup(results: Doc, path: tuple[str, ...]) -> Any:
 
 def targets(results: Doc) -> list[Doc]:
     out = []
-    for name, path, goal, kind in TARGETS:
+    for survey, name, path, goal, kind in TARGETS:
+        if survey != results["night"]["survey"]:
+            continue
         value = lookup(results, path)
         met = None if value is None else (value <= goal if kind == "max" else value >= goal)
         out.append({"target": name, "goal": goal, "kind": kind, "value": value, "met": met})
     return out
 
 
-def fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return str(value)
-
-
 def mode_title(label: str, mode: Doc) -> str:
     return f"{label} ({mode['batch_size']})"
+
+
+CELL = 30
 
 
 def table(results: Doc) -> str:
     night, modes = results["night"], results["modes"]
     labels = list(modes)
     lines = [
-        f"night: {night['alerts']} alerts of {night['objects']} objects "
+        f"{night['survey']} night: {night['alerts']} alerts of {night['objects']} objects "
         f"({night['objects_with_history']} with history), {len(night['synthetic_catalogs'])} "
         f"SYNTHETIC catalogs x {max(night['synthetic_catalogs'].values(), default=0):,} rows, "
         f"{night['filters']} filters; database: {results['machine']['database']}, "
-        f"{results['machine']['cpus']} CPUs",
+        f"{results['machine']['cpus']} CPUs; median (min-max) of {results['repeat']} runs",
         "",
-        f"{'':<34}" + "".join(f"{mode_title(k, modes[k]):>24}" for k in labels),
+        f"{'':<34}" + "".join(f"{mode_title(k, modes[k]):>{CELL}}" for k in labels),
     ]
-
-    def row(name: str, key: Any, digits: int = 1) -> None:
-        values = [key(modes[k]) for k in labels]
-        lines.append(f"{name:<34}" + "".join(f"{fmt(v, digits):>24}" for v in values))
-
-    row("alerts", lambda m: m["stored"], 0)
-    row("alerts/s end to end", lambda m: m["alerts_per_s"])
-    row("client CPU ms/alert", lambda m: m["client_cpu_ms_per_alert"])
-    row("DB round trips/alert", lambda m: m["round_trips_per_alert"], 2)
-    row("latency produce->archive p50 ms", lambda m: m["latency_ms"]["p50"], 0)
-    row("latency produce->archive p99 ms", lambda m: m["latency_ms"]["p99"], 0)
-    stages = list(modes[labels[0]]["stage_ms_per_alert"]) if labels else []
-    for stage in stages:
-        row(f"  stage {stage} ms/alert", lambda m, s=stage: m["stage_ms_per_alert"].get(s))
-    row(
-        "peak RSS MB (max process)",
-        lambda m: max(p["peak_rss_mb"] for p in m["processes"].values()),
-        0,
-    )
-    for server in ("database", "kafka"):
-        row(
-            f"{server} server CPU ms/alert", lambda m, s=server: m["server_cpu_ms_per_alert"].get(s)
-        )
-    if "speedup" in results:
-        lines.append(f"{'batched / one at a time':<34}{results['speedup']:>23.1f}x")
+    rows = figures([run for mode in modes.values() for run in mode["runs"]])
+    for name, _, digits in rows:
+        cells = [cell(modes[k]["summary"].get(name), digits) for k in labels]
+        lines.append(f"{name:<34}" + "".join(f"{c:>{CELL}}" for c in cells))
+    for name, item in results["ratios"].items():
+        lines.append(f"{name + ', alerts/s':<34}{cell(item, 1) + 'x':>{CELL}}")
+    if results.get("backfill"):
+        lines += ["", backfill_line(results["backfill"])]
     api = results.get("api")
     if api:
         lines += [
@@ -309,16 +412,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.micro:
         return run_micro(args.rounds, args.out or ROOT / "var" / "bench.json")
     check_given_database()
+    if args.profile and args.survey != "ztf":
+        print("--profile runs the ZTF night only", file=sys.stderr)
+        return 2
     if args.profile:
         summary = profile_bench(args, args.out or ROOT / "var" / "bench-night.pstats")
         print(json.dumps(summary["profile"], indent=2))
         return 0
-    out = args.out or ROOT / "var" / "bench-night.json"
-    results = night_bench(args)
+    if args.ingesters:
+        out = args.out or ROOT / "var" / "bench-scaling.json"
+        with prepared(args) as ready:
+            results = {**describe(args, ready), **scaling_bench(args, ready)}
+        show = scaling_table
+    else:
+        out = args.out or ROOT / "var" / "bench-night.json"
+        results = night_bench(args)
+        show = table
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print()
-    print(table(results))
+    print(show(results))
     print(f"\nfull results: {out}")
     return 0
 

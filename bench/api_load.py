@@ -19,8 +19,8 @@ import aiohttp
 from bench.night import percentile
 from bench.nightdata import ZTF, Night
 from kowalski.config import Config
-from kowalski.testing.api import ApiServer
-from kowalski.testing.process import free_port
+from kowalski.services.api import ApiServer
+from kowalski.services.process import free_port
 
 Doc = dict[str, Any]
 

@@ -33,9 +33,9 @@ from ingester.pipeline import BatchReport, Packet, Pipeline
 from kowalski.config import CONFIGURED, ROOT, Config, build_config, user_files
 from kowalski.connectivity import one_line_errors, require_database
 from kowalski.db import async_client, sync_client
+from kowalski.services.mongo import EmbeddedMongo
+from kowalski.services.process import free_port
 from kowalski.surveys import SURVEYS
-from kowalski.testing.mongo import EmbeddedMongo
-from kowalski.testing.process import free_port
 from ops.catalogs.ingest import Columns, frame_chunks, ingest_chunks
 from ops.catalogs.synthetic import generate
 
@@ -63,7 +63,7 @@ def bench_decode(packets: list[bytes], repeat: int) -> dict[str, float]:
 
 
 def bench_ml(cfg: Config, packets: list[bytes]) -> dict[str, float]:
-    models = load_models(cfg)
+    models = load_models(cfg, "ZTF")
     alerts = [decode_packet(p)[0] for p in packets]
     score_batch(models, alerts[:2])  # warm up sessions
     batched = timed(lambda: score_batch(models, alerts))
@@ -120,7 +120,7 @@ async def run_pipeline(cfg: Config, batch_size: int, rounds: int) -> BatchReport
     total = BatchReport()
     try:
         db = client[cfg.database.db]
-        pipeline = Pipeline(cfg, db, {"ZTF": load_models(cfg)})
+        pipeline = Pipeline(cfg, db, {"ZTF": load_models(cfg, "ZTF")})
         for _ in range(rounds):
             for name in ("ZTF_alerts", "ZTF_alerts_aux", "filter_runs"):
                 await db[name].drop()

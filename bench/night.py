@@ -38,14 +38,16 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from distributed import Client, WorkerPlugin
 
-from bench.nightdata import ZTF, Night
+from bench.nightdata import Night
+from bench.upstream import process_upstream
 from ingester.consumer import Ingester, close_cluster, start_cluster
 from kowalski import monitoring
 from kowalski.config import Config, build_config
 from kowalski.db import sync_client
-from kowalski.testing.kafka import LocalKafka
-from kowalski.testing.mongo import EmbeddedMongo
-from kowalski.testing.process import free_port
+from kowalski.services.kafka import LocalKafka
+from kowalski.services.mongo import EmbeddedMongo
+from kowalski.services.process import free_port
+from kowalski.surveys import SURVEYS
 
 Doc = dict[str, Any]
 MODE_DEADLINE_S = 3600.0
@@ -97,12 +99,14 @@ def bench_environ(svc: Services, db_name: str) -> dict[str, str]:
     }
 
 
-def mode_config(env: dict[str, str], suffix: str, batch_size: int, workers: int) -> Config:
+def mode_config(
+    env: dict[str, str], survey: str, suffix: str, batch_size: int, workers: int
+) -> Config:
     cfg = build_config(
         [],
         {
             **env,
-            "KOWALSKI__kafka__topics__ZTF": f"^ztf_[0-9]{{8}}_programid[123]{suffix}$",
+            f"KOWALSKI__kafka__topics__{survey}": f"{SURVEYS[survey].topic_pattern}{suffix}$",
             "KOWALSKI__ingester__batch_size": str(batch_size),
             "KOWALSKI__dask__n_workers": str(workers),
         },
@@ -119,24 +123,30 @@ def write_night(night: Night, path: Path) -> None:
         pickle.dump([(a.topic, a.candid, a.packet) for a in night.alerts], out)
 
 
-def produce(bootstrap: str, night_file: str, suffix: str, rate: float, times_file: str) -> None:
-    """Producer process: the night in time order (paced at `rate` alerts/s if > 0); writes
-    {candid: unix time handed to Kafka}."""
+def produce(
+    bootstrap: str, night_file: str, suffix: str, rate: float, times_file: str, partitions: int = 1
+) -> None:
+    """Producer process: the night in time order (paced at `rate` alerts/s if > 0), each topic's
+    alerts dealt over its `partitions` partitions in turn; writes {candid: unix time handed to
+    Kafka}."""
     with open(night_file, "rb") as stream:
         alerts = pickle.load(stream)
     producer = Producer(
         {"bootstrap.servers": bootstrap, "message.max.bytes": 10_485_760, "linger.ms": 5}
     )
     times: dict[int, float] = {}
+    dealt: dict[str, int] = {}
     start = time.time()
     for number, (topic, candid, packet) in enumerate(alerts):
         if rate > 0:
             delay = start + number / rate - time.time()
             if delay > 0:
                 time.sleep(delay)
+        partition = dealt.get(topic, 0) % partitions
+        dealt[topic] = partition + 1
         while True:
             try:
-                producer.produce(topic + suffix, packet)
+                producer.produce(topic + suffix, packet, partition=partition)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -265,9 +275,12 @@ def run_mode(
     batch_size: int,
     workers: int,
     rate: float,
+    upstream: bool = False,
 ) -> Doc:
+    """One pass of the night; `upstream`: each batch processed alert by alert, upstream's way
+    (bench/upstream.py), instead of the ingester's batched pipeline."""
     suffix = f"_{label}_{os.getpid()}_{int(time.time())}"
-    cfg = mode_config(env, suffix, batch_size, workers)
+    cfg = mode_config(env, night.survey, suffix, batch_size, workers)
     topics = [t + suffix for t in night.topics]
     create_topics(svc.bootstrap, topics)
     monitoring.install()
@@ -281,7 +294,9 @@ def run_mode(
     try:
         client.wait_for_workers(workers)
         client.register_plugin(MonitorPlugin(), name=MonitorPlugin.name)
-        ingester = Ingester(cfg, client, svc.bootstrap, [ZTF.name], group=f"bench{suffix}")
+        ingester = Ingester(cfg, client, svc.bootstrap, [night.survey], group=f"bench{suffix}")
+        if upstream:
+            ingester.task = process_upstream
         before, servers_before = process_snapshots(client), server_cpu(svc.pids)
         stop, timeline = threading.Event(), Timeline()
         watcher = threading.Thread(
@@ -305,12 +320,18 @@ def run_mode(
         role: monitoring.delta(before[role], after[role]) for role in after if role in before
     }
     commands: dict[str, int] = {}
+    sizes: dict[str, list[int]] = {}
     for usage in processes.values():
         for name, count in usage["commands"].items():
             commands[name] = commands.get(name, 0) + count
+        for name, (sent, received) in usage["bytes"].items():
+            total = sizes.setdefault(name, [0, 0])
+            total[0] += sent
+            total[1] += received
     per_alert = 1e3 / max(n, 1)
     return {
         "batch_size": batch_size,
+        "upstream_way": upstream,
         "workers": workers,
         "alerts": len(night.alerts),
         "stored": n,
@@ -319,6 +340,11 @@ def run_mode(
         "new_objects": report.new_objects,
         "updated_objects": report.updated_objects,
         "passed_filters": report.passed,
+        # failures are counted, never hidden in a figure: a filter that timed out on an alert
+        # (after its retries) is a (filter, alert) pair recorded failed
+        "filter_failures": report.filter_failures,
+        "filter_retries": report.filter_retries,
+        "xmatch_failures": report.xmatch_failures,
         "wall_s": wall,
         "alerts_per_s": n / wall if wall > 0 else None,
         "stage_ms_per_alert": {k: v * per_alert for k, v in report.seconds.items()},
@@ -326,6 +352,14 @@ def run_mode(
         "round_trips_per_alert": sum(commands.values()) / max(n, 1),
         "round_trips_by_command": monitoring.by_command(commands),
         "round_trips_by_target": dict(sorted(commands.items(), key=lambda kv: -kv[1])),
+        "db_bytes_per_alert": {
+            "sent": sum(b[0] for b in sizes.values()) / max(n, 1),
+            "received": sum(b[1] for b in sizes.values()) / max(n, 1),
+        },
+        "db_bytes_per_alert_by_command": {
+            name: {"sent": sent / max(n, 1), "received": received / max(n, 1)}
+            for name, (sent, received) in monitoring.bytes_by_command(sizes).items()
+        },
         "latency_ms": latency_ms(produced, stored_times(cfg)),
         "processes": processes,
         "server_cpu_ms_per_alert": {

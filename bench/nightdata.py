@@ -24,7 +24,7 @@ import json
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fastavro
@@ -32,12 +32,12 @@ import numpy as np
 import pandas as pd
 
 from ingester import xmatch
-from ingester.archive import handoffs_collection
 from ingester.decode import decode_packet, writer_schema
+from ingester.ledger import handoffs_collection
 from ingester.mongify import split_alert
 from kowalski.config import ROOT, Config
 from kowalski.db import async_client, sync_client
-from kowalski.surveys import SURVEYS
+from kowalski.surveys import SURVEYS, Survey
 from ops.catalogs.ingest import Columns, frame_chunks, ingest_chunks
 from ops.catalogs.synthetic import generate
 
@@ -87,6 +87,8 @@ class Night:
     spec: NightSpec
     alerts: list[NightAlert]
     objects: list[NightObject]
+    survey: str = ZTF.name
+    fields: list[tuple[float, float]] = field(default_factory=list)  # (ra, dec) per base packet
 
     @property
     def topics(self) -> list[str]:
@@ -204,30 +206,26 @@ def build_night(spec: NightSpec) -> Night:
         topic = ZTF.topic(record)
         packet = encoder.encode(schemas[obj.base], record)
         alerts.append(NightAlert(candid, obj.object_id, jd, topic, packet))
-    return Night(spec, alerts, objects)
+    fields = [(b["candidate"]["ra"], b["candidate"]["dec"]) for b in bases]
+    return Night(spec, alerts, objects, ZTF.name, fields)
 
 
 # --- catalogs ---------------------------------------------------------------------------------
 
 
-def catalog_frame(spec: NightSpec, objects: list[NightObject], index: int) -> pd.DataFrame:
+def catalog_frame(night_: Night, index: int) -> pd.DataFrame:
     """SYNTHETIC rows: background around each real field plus counterparts of half the objects."""
+    spec, objects = night_.spec, night_.objects
     rng = np.random.default_rng(spec.seed * 1000 + index)
-    bases = sorted({o.base for o in objects})
-    fields = [decode_packet(PACKETS[b].read_bytes())[0]["candidate"] for b in bases]
+    centers = [night_.fields[b] for b in sorted({o.base for o in objects})]
     counterparts = [o for o in objects if rng.random() < 0.5]
     background_rows = max(spec.catalog_rows - len(counterparts), 0)
     radius = spec.jitter_deg + 0.01
     cap_sqdeg = 2 * math.pi * (1 - math.cos(math.radians(radius))) * (180 / math.pi) ** 2
-    density = background_rows / max(len(fields), 1) / cap_sqdeg
+    density = background_rows / max(len(centers), 1) / cap_sqdeg
     frames = [
-        generate(
-            density,
-            center=(f["ra"], f["dec"]),
-            radius_deg=radius,
-            seed=int(rng.integers(1_000_000_000)),
-        )
-        for f in fields
+        generate(density, center=center, radius_deg=radius, seed=int(rng.integers(1_000_000_000)))
+        for center in centers
     ]
     rows = []
     for obj in counterparts:
@@ -249,13 +247,14 @@ def catalog_frame(spec: NightSpec, objects: list[NightObject], index: int) -> pd
 
 
 def load_catalogs(cfg: Config, night_: Night) -> dict[str, int]:
-    """One SYNTHETIC catalog per configured ZTF cross-match catalog; returns rows per catalog."""
+    """One SYNTHETIC catalog per cross-match catalog configured for the night's survey; returns
+    rows per catalog."""
     rows: dict[str, int] = {}
     with sync_client(cfg) as client:
         db = client[cfg.database.db]
-        for index, catalog in enumerate(cfg.database.xmatch.get(ZTF.name, {})):
+        for index, catalog in enumerate(cfg.database.xmatch.get(night_.survey, {})):
             db.drop_collection(catalog)
-            frame = catalog_frame(night_.spec, night_.objects, index)
+            frame = catalog_frame(night_, index)
             ingest_chunks(
                 db,
                 catalog,
@@ -340,7 +339,13 @@ def filter_pipelines(count: int = FILTER_COUNT) -> list[list[Doc]]:
     return [list(_filter_shapes(k // shapes))[k % shapes] for k in range(count)]
 
 
-def load_filters(cfg: Config, count: int = FILTER_COUNT) -> int:
+def load_filters(
+    cfg: Config,
+    count: int = FILTER_COUNT,
+    survey: Survey = ZTF,
+    pipelines: list[list[Doc]] | None = None,
+) -> int:
+    """`count` active filters on the survey's alerts (default: the ZTF shapes above)."""
     with sync_client(cfg) as client:
         coll = client[cfg.database.db][cfg.database.collections["filters"]]
         coll.delete_many({})
@@ -349,7 +354,7 @@ def load_filters(cfg: Config, count: int = FILTER_COUNT) -> int:
                 {
                     "filter_id": k + 1,
                     "group_id": 1 + k % 5,
-                    "catalog": ZTF.alerts_collection(cfg),
+                    "catalog": survey.alerts_collection(cfg),
                     "permissions": [1, 2, 3],
                     "active": True,
                     "active_fid": f"night{k}",
@@ -357,7 +362,7 @@ def load_filters(cfg: Config, count: int = FILTER_COUNT) -> int:
                     "autosave": k % 4 == 0,
                     "auto_followup": {},
                 }
-                for k, pipeline in enumerate(filter_pipelines(count))
+                for k, pipeline in enumerate(pipelines or filter_pipelines(count))
             ]
         )
     return count
@@ -380,8 +385,14 @@ def history_documents(cfg: Config, night_: Night) -> list[Doc]:
         record = night_record(base, earlier, 0, base["candidate"]["jd"] + earlier.shift_days)
         parts = split_alert(ZTF, record)
         docs.append({"_id": obj.object_id, "_rev": 1, "prv_candidates": parts.prv_candidates})
-    catalogs = cfg.database.xmatch.get(ZTF.name, {})
-    positions = [(o.ra, o.dec) for o in night_.objects if o.preloaded]
+    return cross_matched(cfg, ZTF, docs, [(o.ra, o.dec) for o in night_.objects if o.preloaded])
+
+
+def cross_matched(
+    cfg: Config, survey: Survey, docs: list[Doc], positions: list[tuple[float, float]]
+) -> list[Doc]:
+    """The aux documents with `cross_matches` at their positions (the survey's catalogs)."""
+    catalogs = cfg.database.xmatch.get(survey.name, {})
 
     async def matches() -> list[dict[str, list[Doc]]]:
         client = async_client(cfg)
@@ -396,7 +407,7 @@ def history_documents(cfg: Config, night_: Night) -> list[Doc]:
     return docs
 
 
-def reset_archive(cfg: Config, history: list[Doc]) -> None:
+def reset_archive(cfg: Config, history: list[Doc], survey: Survey = ZTF) -> None:
     """Empty alerts, history and filter runs; preload the earlier night's history."""
     from kowalski.db import ensure_indexes_sync
 
@@ -404,13 +415,13 @@ def reset_archive(cfg: Config, history: list[Doc]) -> None:
     with sync_client(cfg) as client:
         db = client[cfg.database.db]
         for name in (
-            ZTF.alerts_collection(cfg),
-            ZTF.aux_collection(cfg),
+            survey.alerts_collection(cfg),
+            survey.aux_collection(cfg),
             collections["filter_runs"],
             collections["dead_letters"],
             handoffs_collection(cfg),
         ):
             db.drop_collection(name)
-        ensure_indexes_sync(db, cfg, ZTF.alerts_collection(cfg))
+        ensure_indexes_sync(db, cfg, survey.alerts_collection(cfg))
         if history:
-            db[ZTF.aux_collection(cfg)].insert_many(copy.deepcopy(history))
+            db[survey.aux_collection(cfg)].insert_many(copy.deepcopy(history))

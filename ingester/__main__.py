@@ -15,10 +15,12 @@ import sys
 import threading
 from typing import Any
 
-from ingester.consumer import Ingester, close_cluster, enabled_surveys, start_cluster
+from ingester.backfill import BackfillThread
+from ingester.consumer import Ingester, close_cluster, start_cluster
+from ingester.endpoint import serve
 from kowalski.config import load_config_or_exit
+from kowalski.services.kafka import broker_ready
 from kowalski.surveys import SURVEYS
-from kowalski.testing.kafka import broker_ready
 
 
 def failed_filters(argv: list[str]) -> int:
@@ -84,26 +86,38 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    surveys = args.survey or enabled_surveys(cfg)
+    surveys = args.survey or cfg.enabled_surveys()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     feed, delivery = None, None
-    if cfg.misc.broker:  # the SkyPortal feed: set up before anything is consumed, or stop here
-        from ingester.skyportal import FeedFactory, setup_or_exit
-        from ingester.skyportal_delivery import DeliveryThread
+    if cfg.misc.broker:  # the SkyPortal feed: set up (and retried) by its delivery thread
+        from ingester.skyportal.delivery import DeliveryThread, waiting_for_setup
+        from ingester.skyportal.stage import FeedFactory, check_token_or_exit
 
-        setup = setup_or_exit(cfg, surveys)
-        feed, delivery = FeedFactory(cfg, setup), DeliveryThread(cfg, setup).start()
+        check_token_or_exit(cfg)
+        feed = FeedFactory(cfg)
+        delivery = DeliveryThread(cfg, waiting_for_setup(surveys)).start()
+    backfills = BackfillThread(cfg).start() if cfg.backfill.in_ingester else None
     try:
         client = start_cluster(cfg, processes=not args.threads)
+        endpoint = None
         try:
+            endpoint = serve(cfg, client)
+            if endpoint is not None:
+                logging.getLogger("kowalski.ingester").info(
+                    "metrics on http://%s:%d/metrics", cfg.ingester.metrics_host, endpoint.port
+                )
             ingester = Ingester(cfg, client, bootstrap, surveys, handoff=feed)
             logging.getLogger("kowalski.ingester").info("consuming %s", ingester.patterns)
             report = ingester.run(stop=stop, until_idle=args.until_idle)
         finally:
+            if endpoint is not None:
+                endpoint.stop()
             close_cluster(client)
     finally:
+        if backfills is not None:
+            backfills.stop()
         if delivery is not None:
             logging.getLogger("kowalski.ingester").info("SkyPortal feed: %s", delivery.stop())
     logging.getLogger("kowalski.ingester").info("done: %s", report)

@@ -20,9 +20,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from kowalski import cones
 from kowalski.config import Config
+from kowalski.documents import Doc
 from kowalski.surveys import SURVEYS, Survey
-
-Doc = dict[str, Any]
 
 
 def object_positions(survey: Survey, alerts: Sequence[Doc]) -> dict[Any, tuple[float, float]]:
@@ -46,8 +45,8 @@ async def matches_in(
     coll = db[other.alerts_collection(cfg)]
     projection = {other.object_key: 1, cones.GEO_FIELD: 1, "_id": 0}
 
-    async def find(query: Doc) -> list[Doc]:
-        return await coll.find(query, projection).to_list()
+    async def find(query: Doc, sort: cones.Sort | None) -> list[Doc]:
+        return await coll.find(query, projection, sort=sort).to_list()
 
     found = await cones.search(find, positions, radius_rad, cells=await cones.has_cells(coll))
     return [{doc[other.object_key] for doc, _ in hits} for hits in found]

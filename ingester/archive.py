@@ -3,8 +3,8 @@ bulk with optimistic concurrency (a revision per document), alerts inserted in b
 
 Order matters for crash safety: aux first (its merges are idempotent), then alerts (a unique
 candid: inserting one again is a no-op). An alert is complete only once the whole pipeline ran on
-it (filters, hand-off): `mark_completed` writes one record per alert to the `handoffs` collection
-at the end of a batch, and only alerts with such a record are skipped as duplicates. A batch
+it (filters, hand-off): the completion ledger (`ingester/ledger.py`) gets one record per alert at
+the end of a batch, and only alerts with such a record are skipped as duplicates. A batch
 re-delivered after a crash anywhere before that point is therefore processed again from the start,
 which every stage tolerates (idempotent merges and inserts, filter runs recorded once).
 
@@ -25,15 +25,18 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, OperationFailure
 
 from ingester.mongify import (
+    FP_SORT,
+    HISTORY_SORT,
     Parts,
+    history_key,
     keep_fp_hists_for_new_object,
     merge_fp_hists,
     merge_prv_candidates,
 )
 from kowalski.config import Config
+from kowalski.documents import Doc
 from kowalski.surveys import Survey
 
-Doc = dict[str, Any]
 # (positions, catalogs wanted per position) -> {catalog: matches} per position
 CrossMatcher = Callable[
     [list[tuple[float, float]], list[set[str]]], Awaitable[list[dict[str, list[Doc]]]]
@@ -42,7 +45,6 @@ MAX_ATTEMPTS = 20
 # a batch's reads ask for every document in the first reply (up to the server's 16 MB), not the
 # default 101 documents followed by `getMore` round trips
 ONE_REPLY = 100_000
-HANDOFFS = "handoffs"  # default name of the completion ledger (config: database.collections)
 # server states (shutdown, step-down, not primary), not faults of a query: the batch is retried
 SERVER_STATE_CODES = frozenset({91, 189, 10107, 11600, 11602, 13435, 13436})
 
@@ -50,45 +52,6 @@ SERVER_STATE_CODES = frozenset({91, 189, 10107, 11600, 11602, 13435, 13436})
 def database_unavailable(exc: OperationFailure) -> bool:
     """An error that says the server cannot answer now, whatever the query."""
     return exc.code in SERVER_STATE_CODES
-
-
-def handoffs_collection(cfg: Config) -> str:
-    return cfg.database.collections.get("handoffs", HANDOFFS)
-
-
-def _ledger_id(survey: Survey, candid: int) -> str:
-    return f"{survey.name}:{candid}"
-
-
-async def completed_candids(
-    ledger: AsyncCollection[Doc], survey: Survey, candids: Sequence[int]
-) -> set[int]:
-    """Alerts of `candids` that went through the whole pipeline before (true duplicates)."""
-    ids = [_ledger_id(survey, c) for c in candids]
-    docs = await ledger.find({"_id": {"$in": ids}}, {"_id": 0, "candid": 1}).to_list()
-    return {int(d["candid"]) for d in docs}
-
-
-async def mark_completed(
-    ledger: AsyncCollection[Doc],
-    survey: Survey,
-    candids: Sequence[int],
-    passed: dict[int, list[Doc]],
-    at: Any,
-) -> None:
-    """One ledger record per alert once filters and hand-off ran: the filters it passed."""
-    docs = [
-        {
-            "_id": _ledger_id(survey, c),
-            "survey": survey.name,
-            "candid": c,
-            "filters": [{"filter_id": e["filter_id"], "fid": e["fid"]} for e in passed.get(c, [])],
-            "handed_off_at": at,
-        }
-        for c in candids
-    ]
-    if docs:
-        await insert_ignoring_duplicates(ledger, docs)
 
 
 def group_by_object(survey: Survey, parts: Sequence[Parts]) -> dict[Any, list[Parts]]:
@@ -194,20 +157,50 @@ def object_write(
         if fp and keep_fp_hists_for_new_object(first):
             doc["fp_hists"] = fp
         return InsertOne(doc)
-    update: Doc = {
-        "_rev": revision,
-        "prv_candidates": merge_prv_candidates(
-            stored.get("prv_candidates", []), prv, survey.history_key
-        ),
-        **latest,
-    }
+    update: Doc = {"_rev": revision, **latest}
+    push: Doc = {}
+    histories: list[tuple[str, list[Doc], Callable[[Doc], Any], Doc]] = [
+        (
+            "prv_candidates",
+            merge_prv_candidates(stored.get("prv_candidates", []), prv, survey.history_key),
+            lambda p: history_key(p, survey.history_key),
+            HISTORY_SORT,
+        )
+    ]
     if "fp_hists" in stored and fp:
-        update["fp_hists"] = merge_fp_hists(stored["fp_hists"], fp)
+        histories.append(
+            ("fp_hists", merge_fp_hists(stored["fp_hists"], fp), lambda p: p["jd"], FP_SORT)
+        )
+    for name, merged, key, order in histories:
+        added = added_points(stored.get(name, []), merged, key)
+        if added is None:  # the merge changed a stored point: write the history whole
+            update[name] = merged
+        elif added:  # only new points: send just those, placed in order by the server
+            tail = merged[len(merged) - len(added) :]
+            at_end = all(a is m for a, m in zip(added, tail, strict=True))
+            push[name] = {"$each": added, **({} if at_end else {"$sort": order})}
     if new_matches:
         for catalog, found in new_matches.items():
             update[f"cross_matches.{catalog}"] = found
+    change: Doc = {"$set": update, **({"$push": push} if push else {})}
     # a document without `_rev` (restored from elsewhere) matches `_rev: None`
-    return UpdateOne({"_id": oid, "_rev": stored.get("_rev")}, {"$set": update})
+    return UpdateOne({"_id": oid, "_rev": stored.get("_rev")}, change)
+
+
+def added_points(
+    stored: list[Doc], merged: list[Doc], key: Callable[[Doc], Any]
+) -> list[Doc] | None:
+    """The points a merge adds to the stored history (in order), so that an update sends those
+    alone; None when the merge changed a stored point (then the history is written whole)."""
+    before = {key(p): p for p in stored}
+    added = []
+    for point in merged:
+        old = before.get(key(point))
+        if old is None:
+            added.append(point)
+        elif old != point:
+            return None
+    return added if len(merged) - len(added) == len(stored) else None
 
 
 async def _write_objects(
@@ -270,5 +263,5 @@ def prepare_database(cfg: Config, surveys: Sequence[str]) -> None:
         db = client[cfg.database.db]
         for name in surveys:
             ensure_indexes_sync(db, cfg, SURVEYS[name].alerts_collection(cfg))
-        runs = db[cfg.database.collections["filter_runs"]]
+        runs = db[cfg.database.collection("filter_runs")]
         create_index_sync(runs, [("filter_id", 1), ("candids", 1)], "filter_id_candids")

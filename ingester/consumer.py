@@ -23,17 +23,20 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
-from distributed import Client, Future, WorkerPlugin, get_worker
+from distributed import Client, Future, WorkerPlugin, get_worker, wait
 
 from ingester.archive import prepare_database
 from ingester.pipeline import BatchReport, Handoff, Packet, Pipeline, no_handoff
-from ingester.publisher import Publisher
+from ingester.publisher import Publisher, left_group
 from ingester.results import prepare_outbox
+from kowalski import metrics
 from kowalski.config import Config
+from kowalski.retry import backoff
 from kowalski.surveys import SURVEYS, survey_for_topic
 
 log = logging.getLogger("kowalski.ingester")
@@ -156,10 +159,12 @@ class Ingester:
     surveys: list[str]
     group: str | None = None
     max_in_flight: int = 2
-    handoff: HandoffFactory | None = None  # e.g. the SkyPortal feed (ingester/skyportal.py)
+    handoff: HandoffFactory | None = None  # e.g. the SkyPortal feed (ingester/skyportal/stage.py)
     report: BatchReport = field(default_factory=BatchReport)
     committed: int = 0
     commit_failures: int = 0  # offset commits that failed (their batches may be re-delivered)
+    # the dask task run per batch (the benchmark swaps in upstream's per-alert way, bench/upstream.py)
+    task: Callable[[str, str, list[Packet]], BatchReport] = process_packets
 
     def __post_init__(self) -> None:
         self.consumer = Consumer(
@@ -169,11 +174,14 @@ class Ingester:
                 "enable.auto.commit": False,
                 "auto.offset.reset": self.cfg.kafka.auto_offset_reset,
                 "session.timeout.ms": 10000,
-                "max.poll.interval.ms": 900000,
+                "max.poll.interval.ms": self.cfg.kafka.max_poll_interval_ms,
                 "fetch.wait.max.ms": 100,
                 "topic.metadata.refresh.interval.ms": 5000,
                 "fetch.message.max.bytes": 10_485_760,
                 "on_commit": self._on_commit,
+                # the group's lag per partition reaches the metrics through the statistics
+                "statistics.interval.ms": self.cfg.ingester.statistics_interval_ms,
+                "stats_cb": metrics.record_kafka_statistics,
             }
         )
         self.patterns = [SURVEYS[s].subscription(self.cfg.kafka.topics) for s in self.surveys]
@@ -194,11 +202,14 @@ class Ingester:
         self.assigned |= {(p.topic, p.partition) for p in partitions}
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.drain()
+        """Finish the batches in flight first, except while the publisher waits between
+        attempts of the head batch (it then gives up a batch whose partitions went elsewhere)."""
+        if not self.publisher.waiting:
+            self.drain()
         self.assigned -= {(p.topic, p.partition) for p in partitions}
 
     def submit(self, survey: str, packets: list[Packet]) -> None:
-        future = self.client.submit(process_packets, self.runtime, survey, packets, pure=False)
+        future = self.client.submit(self.task, self.runtime, survey, packets, pure=False)
         self.in_flight.append(Batch(survey, packets, future))
 
     def settle(self, block: bool) -> None:
@@ -208,9 +219,10 @@ class Ingester:
             if not block and not head.future.done():
                 return
             try:
-                result: BatchReport = head.future.result()
+                result: BatchReport = self.result(head)
             except Exception as exc:
-                delay = min(MAX_BACKOFF_SECONDS, 2.0**head.attempts)
+                delay = backoff(head.attempts, 2.0, MAX_BACKOFF_SECONDS)
+                metrics.BATCH_RETRIES.labels(head.survey).inc()
                 log.error(
                     "batch of %d %s packets failed (attempt %d): %s; retrying in %.0f s",
                     len(head.packets),
@@ -219,9 +231,9 @@ class Ingester:
                     exc,
                     delay,
                 )
-                time.sleep(delay)
+                self.publisher.serve(delay)  # the consumer stays in its group meanwhile
                 head.future = self.client.submit(
-                    process_packets, self.runtime, head.survey, head.packets, pure=False
+                    self.task, self.runtime, head.survey, head.packets, pure=False
                 )
                 head.attempts += 1
                 continue
@@ -233,8 +245,20 @@ class Ingester:
                 self.commit(head)
             self.committed += len(head.packets)
             self.report.add(result)
+            metrics.record_batch(head.survey, result, (p.timestamp_ms for p in head.packets))
             self.in_flight.popleft()
             block = block and len(self.in_flight) >= self.max_in_flight
+
+    def result(self, batch: Batch) -> BatchReport:
+        """The batch's report once its task ends, the consumer served meanwhile (a batch slower
+        than `max.poll.interval.ms`, e.g. while the database is away, keeps the group)."""
+        while not batch.future.done():
+            try:
+                wait(batch.future, timeout=self.publisher.step_s)
+            except TimeoutError:
+                self.publisher.serve(0.1)
+        report: BatchReport = batch.future.result()
+        return report
 
     def commit(self, batch: Batch) -> None:
         """Commit a completed batch's offsets without waiting for the broker (a synchronous
@@ -271,7 +295,9 @@ class Ingester:
         for msg in messages:
             error = msg.error()
             if error:
-                if error.code() != KafkaError._PARTITION_EOF:
+                if left_group(error):
+                    self.publisher.left_group += 1
+                elif error.code() != KafkaError._PARTITION_EOF:
                     log.warning("kafka: %s", error)
                 continue
             packet = _packet(msg)
@@ -308,6 +334,11 @@ class Ingester:
         finally:
             self.consumer.close()
             self.publisher.close()
+            log.info(
+                "results: %d record(s) published by %s",
+                self.publisher.published,
+                self.publisher.txn_id,
+            )
         return self.report
 
 
@@ -315,7 +346,8 @@ def _packet(msg: Message) -> Packet:
     """A consumed message that is not an error (those always carry topic, partition, offset)."""
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
     assert topic is not None and partition is not None and offset is not None
-    return Packet(topic, partition, offset, msg.value() or b"")
+    kind, stamp = msg.timestamp()
+    return Packet(topic, partition, offset, msg.value() or b"", stamp if kind else 0)
 
 
 def start_cluster(cfg: Config, processes: bool = True) -> Client:
@@ -347,5 +379,4 @@ def close_cluster(client: Client) -> None:
 
 
 def enabled_surveys(cfg: Config) -> list[str]:
-    flags = cfg.enabled.model_dump()
-    return [name for name in SURVEYS if flags.get(name.lower(), False)]
+    return cfg.enabled_surveys()

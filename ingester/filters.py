@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import datetime as dt
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -38,10 +37,12 @@ from pymongo.errors import OperationFailure
 
 from ingester.archive import database_unavailable
 from kowalski.config import Config
-from kowalski.filtering import full_pipeline, parse_pipeline
+from kowalski.documents import Doc, utcnow
+from kowalski.filtering import full_pipeline, parse_pipeline, passing_outputs, run_pipeline
+from kowalski.retry import backoff
+from kowalski.stored_filters import find_version
 
 log = logging.getLogger("kowalski.ingester.filters")
-Doc = dict[str, Any]
 SINGLE_ATTEMPTS = 3  # tries of a filter on one alert before it is recorded failed
 BACKOFF_SECONDS = 0.25  # first back-off; doubles with every retry of the same alerts
 OK, FAILED = "ok", "failed"
@@ -62,18 +63,19 @@ class FilterTemplate:
     autosave: Any = False
     auto_followup: Doc = field(default_factory=dict)
     update_annotations: bool = False
+    as_of: bool = False  # history only up to each alert (back-fills over the archive)
 
 
 async def active_filters(db: AsyncDatabase[Doc], cfg: Config, catalog: str) -> list[FilterTemplate]:
     """Active filters on `catalog` with their active version's pipeline."""
     templates = []
     docs = (
-        await db[cfg.database.collections["filters"]]
+        await db[cfg.database.collection("filters")]
         .find({"catalog": catalog, "active": True})
         .to_list()
     )
     for doc in docs:
-        version = next((v for v in doc.get("fv", []) if v["fid"] == doc.get("active_fid")), None)
+        version = find_version(doc)
         if version is None:
             log.warning("filter %s has no active version; skipped", doc.get("filter_id"))
             continue
@@ -106,44 +108,26 @@ async def _run(
     candids: Sequence[int],
 ) -> dict[int, Doc]:
     """{candid: output document} of one pipeline over `candids`."""
-    coll = db[template.catalog]
-    max_ms = cfg.ingester.filter_max_time_ms
-    full = full_pipeline(cfg, template.catalog, template.permissions, pipeline, list(candids))
-    out = await (
-        await coll.aggregate(full, allowDiskUse=False, maxTimeMS=max_ms * max(1, len(candids)))
-    ).to_list()
-    found = _passing(out)
-    if found is not None:
-        return found
-    # the user pipeline projected candid away: attribute outputs by running per alert
-    passed: dict[int, Doc] = {}
-    for candid in candids:
-        one = full_pipeline(cfg, template.catalog, template.permissions, pipeline, [candid])
-        docs = await (await coll.aggregate(one, allowDiskUse=False, maxTimeMS=max_ms)).to_list()
-        if len(docs) == 1:
-            passed[candid] = docs[0]
-    return passed
-
-
-def _passing(out: list[Doc]) -> dict[int, Doc] | None:
-    """{candid: output} of the alerts with exactly one output; None if an output lacks candid."""
-    if not all("candid" in doc for doc in out):
-        return None
-    passed: dict[int, Doc] = {}
-    counts: dict[int, int] = defaultdict(int)
-    for doc in out:
-        counts[int(doc["candid"])] += 1
-        passed[int(doc["candid"])] = doc
-    return {c: d for c, d in passed.items() if counts[c] == 1}
+    return await run_pipeline(
+        db,
+        cfg,
+        template.catalog,
+        template.permissions,
+        pipeline,
+        candids,
+        cfg.ingester.filter_max_time_ms,
+        template.as_of,
+    )
 
 
 def _facet_groups(templates: Sequence[FilterTemplate]) -> list[list[int]]:
     """Indices of the templates that can share one run, grouped by catalog and permissions."""
-    groups: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(list)
+    groups: dict[tuple[str, tuple[int, ...], bool], list[int]] = defaultdict(list)
     for i, template in enumerate(templates):
         stages = {next(iter(stage)) for stage in template.pipeline if stage}
         if not stages & NOT_IN_FACET:
-            groups[(template.catalog, tuple(sorted(template.permissions)))].append(i)
+            key = (template.catalog, tuple(sorted(template.permissions)), template.as_of)
+            groups[key].append(i)
     return [group for group in groups.values() if len(group) > 1]
 
 
@@ -159,12 +143,14 @@ async def run_together(
     max_ms = cfg.ingester.filter_max_time_ms
     for group in _facet_groups(templates):
         first = templates[group[0]]
-        pipeline = full_pipeline(cfg, first.catalog, first.permissions, [], list(candids))
-        facet = {f"f{i}": copy.deepcopy(templates[i].pipeline) for i in group}
+        facet = [{"$facet": {f"f{i}": copy.deepcopy(templates[i].pipeline) for i in group}}]
+        pipeline = full_pipeline(
+            cfg, first.catalog, first.permissions, facet, list(candids), first.as_of
+        )
         budget = max_ms * max(1, len(candids)) * len(group)
         try:
             cursor = await db[first.catalog].aggregate(
-                [*pipeline, {"$facet": facet}], allowDiskUse=False, maxTimeMS=budget
+                pipeline, allowDiskUse=False, maxTimeMS=budget
             )
             out = (await cursor.to_list())[0]
         except OperationFailure as exc:
@@ -173,7 +159,7 @@ async def run_together(
             log.info("shared run of %d filters failed, running them alone: %s", len(group), exc)
             continue
         for i in group:
-            passed = _passing(out.get(f"f{i}", []))
+            passed = passing_outputs(out.get(f"f{i}", []))
             if passed is not None:
                 answered[i] = passed
     return answered
@@ -269,7 +255,7 @@ async def run_resilient(
                 attempt + 1,
                 error,
             )
-            await asyncio.sleep(BACKOFF_SECONDS * 2**attempt)
+            await asyncio.sleep(backoff(attempt + 1, BACKOFF_SECONDS))
     if len(candids) == 1:
         log.error("filter %s (%s) failed on alert %s", template.filter_id, template.fid, candids[0])
         return FilterOutcome(failed={candids[0]: error}, retries=attempts - 1)
@@ -284,7 +270,7 @@ async def _recorded(
 ) -> set[tuple[int, str, int]]:
     """(filter_id, fid, candid) already in `filter_runs` for this batch (a batch run again)."""
     docs = (
-        await db[cfg.database.collections["filter_runs"]]
+        await db[cfg.database.collection("filter_runs")]
         .find(
             {
                 "filter_id": {"$in": [t.filter_id for t in templates]},
@@ -308,7 +294,7 @@ def _run_records(
         "group_id": template.group_id,
         "fid": template.fid,
         "catalog": template.catalog,
-        "ran_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
+        "ran_at": utcnow(),
     }
     ran = [c for c in candids if c not in outcome.failed and c not in skip]
     records = []
@@ -323,7 +309,8 @@ def _run_records(
     return records
 
 
-def _entry(template: FilterTemplate, outcome: FilterOutcome, candid: int) -> Doc:
+def pass_entry(template: FilterTemplate, outcome: FilterOutcome, candid: int) -> Doc:
+    """What a pass hands on (the hand-off, the results stream): the filter and its output."""
     entry: Doc = {
         "group_id": template.group_id,
         "filter_id": template.filter_id,
@@ -339,14 +326,19 @@ def _entry(template: FilterTemplate, outcome: FilterOutcome, candid: int) -> Doc
 
 
 async def run_filters(
-    db: AsyncDatabase[Doc], cfg: Config, templates: Sequence[FilterTemplate], candids: Sequence[int]
+    db: AsyncDatabase[Doc],
+    cfg: Config,
+    templates: Sequence[FilterTemplate],
+    candids: Sequence[int],
+    shared: bool = True,
 ) -> FilterResults:
-    """Every template over the batch; every run is recorded in `filter_runs` exactly once."""
+    """Every template over the batch; every run is recorded in `filter_runs` exactly once.
+    `shared=False` runs each filter alone (upstream's way; the benchmark's baseline)."""
     batch = list(candids)
     results = FilterResults()
     passed_by_candid: dict[int, list[Doc]] = defaultdict(list)
     recorded = await _recorded(db, cfg, templates, batch) if templates else set()
-    together = await run_together(db, cfg, templates, batch)
+    together = await run_together(db, cfg, templates, batch) if shared else {}
     runs: list[Doc] = []
     for i, template in enumerate(templates):
         outcome = await run_resilient(db, cfg, template, batch, together.get(i))
@@ -355,9 +347,9 @@ async def run_filters(
         results.failures += len(outcome.failed)
         results.retries += outcome.retries
         for candid in outcome.passed:
-            passed_by_candid[candid].append(_entry(template, outcome, candid))
+            passed_by_candid[candid].append(pass_entry(template, outcome, candid))
     if runs:
-        await db[cfg.database.collections["filter_runs"]].insert_many(runs)
+        await db[cfg.database.collection("filter_runs")].insert_many(runs)
     results.passed = dict(passed_by_candid)
     return results
 
@@ -365,7 +357,7 @@ async def run_filters(
 async def failed_runs(db: AsyncDatabase[Doc], cfg: Config, limit: int = 100) -> list[Doc]:
     """The latest filter runs recorded failed (newest first): what an admin should look at."""
     return (
-        await db[cfg.database.collections["filter_runs"]]
+        await db[cfg.database.collection("filter_runs")]
         .find({"state": FAILED}, {"_id": 0})
         .sort("ran_at", -1)
         .limit(limit)

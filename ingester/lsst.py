@@ -15,6 +15,7 @@ from typing import Any, TypeGuard
 
 from ingester.mongify import MAG_CONST, Parts, clean
 from kowalski.coords import coordinates_block, coordinates_problem
+from kowalski.documents import Doc
 from kowalski.surveys import Survey
 
 MJD_TO_JD = 2400000.5
@@ -22,7 +23,6 @@ ZP_NJY = 31.4  # AB zero point of fluxes in nJy
 CUTOUTS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
 # per-alert parts of a Rubin packet that belong to the object, not the detection
 OBJECT_PARTS = ("diaObject", "ssObject", "MPCORB", "mpc_orbits")
-Doc = dict[str, Any]
 
 
 def _finite(value: Any) -> TypeGuard[float]:

@@ -149,12 +149,12 @@ def _tensorflow_runner(path: Path, spec: MLModel, settings: ML) -> Runner:
     return run
 
 
-def load_models(cfg: Config, instrument: str = "ZTF") -> list[Model]:
+def load_models(cfg: Config, instrument: str) -> list[Model]:
     """Load every configured model for `instrument`; a model that fails to load is logged and
     skipped (its scores are then absent), as upstream does."""
     models = []
     base = cfg.path(cfg.ml.models_path)
-    for name, spec in getattr(cfg.ml, instrument).models.items():
+    for name, spec in cfg.ml.models_of(instrument).items():
         relative = spec.onnx if cfg.ml.backend == "onnx" else spec.h5
         if not relative:
             log.warning("model %s has no %s file configured; skipped", name, cfg.ml.backend)

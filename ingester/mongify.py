@@ -115,12 +115,23 @@ def merge_prv_candidates(
     new: list[dict[str, Any]],
     fields: tuple[str, ...] = ZTF_HISTORY_KEY,
 ) -> list[dict[str, Any]]:
-    """Union keyed by `fields`, field values merged, sorted by jd: idempotent."""
+    """Union keyed by `fields`, sorted by jd: idempotent. A point keeps the values it was first
+    stored with (an alert's own candidate, at full precision, before the rounded copies later
+    alerts carry in prv_candidates); fields it lacks are added from the later copies."""
     merged: dict[tuple[Any, ...], dict[str, Any]] = {}
     for point in [*stored, *new]:
         key = history_key(point, fields)
-        merged[key] = {**merged.get(key, {}), **point}
-    return sorted(merged.values(), key=lambda p: (p.get("jd") or 0.0, p.get("fid") or 0))
+        merged[key] = {**point, **merged[key]} if key in merged else point
+    return sorted(merged.values(), key=history_order)
+
+
+def history_order(point: dict[str, Any]) -> tuple[float, int]:
+    """Sort key of prv_candidates; the same order as HISTORY_SORT on the server."""
+    return (point.get("jd") or 0.0, point.get("fid") or 0)
+
+
+HISTORY_SORT = {"jd": 1, "fid": 1}  # `$push ... $sort` of prv_candidates (history_order)
+FP_SORT = {"jd": 1}  # `$push ... $sort` of fp_hists (merge_fp_hists' order)
 
 
 def merge_fp_hists(stored: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:

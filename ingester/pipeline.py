@@ -23,7 +23,6 @@ the score is absent).
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import hashlib
 import logging
@@ -32,22 +31,22 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any, get_type_hints
+from typing import get_type_hints
 
 from bson import Binary
 from pymongo.asynchronous.database import AsyncDatabase
 
-from ingester import aliases, archive, filters, ml, shapes, xmatch
+from ingester import aliases, archive, filters, ledger, ml, shapes, xmatch
 from ingester.decode import MAGIC, decode_for, writer_schema
 from ingester.mongify import Parts
 from ingester.registry_client import registry_for_survey
 from ingester.results import ResultMessage, pending, record_passes
 from kowalski.config import Config
 from kowalski.coords import coordinates_problem
+from kowalski.documents import Doc, utcnow
 from kowalski.surveys import Survey
 
 log = logging.getLogger("kowalski.ingester")
-Doc = dict[str, Any]
 FILTER_RELOAD_SECONDS = 300.0
 # hand-off point to the SkyPortal stage: (survey, alert documents, passed filters per candid)
 Handoff = Callable[[Survey, list[Doc], dict[int, list[Doc]]], Awaitable[None]]
@@ -59,6 +58,7 @@ class Packet:
     partition: int
     offset: int
     value: bytes
+    timestamp_ms: int = 0  # the Kafka message's timestamp (0: none), for the latency metric
 
 
 @dataclass
@@ -148,10 +148,6 @@ def check_record(survey: Survey, record: Doc) -> str | None:
     return None
 
 
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
-
-
 @dataclass
 class Pipeline:
     """Per-worker state: database, loaded models, cached filter templates."""
@@ -179,9 +175,9 @@ class Pipeline:
             "offset": packet.offset,
             "error": error,
             "packet": Binary(packet.value),
-            "received_at": now(),
+            "received_at": utcnow(),
         }
-        await self.db[self.cfg.database.collections["dead_letters"]].update_one(
+        await self.db[self.cfg.database.collection("dead_letters")].update_one(
             {"_id": key}, {"$setOnInsert": letter}, upsert=True
         )
 
@@ -211,9 +207,9 @@ class Pipeline:
     ) -> dict[int, tuple[Packet, Doc]]:
         """Alerts not completed before, once each (a batch cut short is redone in full). A ledger
         record whose alert is no longer stored (collection dropped, re-seeded) does not count."""
-        ledger = self.db[archive.handoffs_collection(self.cfg)]
+        handoffs = self.db[ledger.handoffs_collection(self.cfg)]
         ids = [shapes.detection_id(survey, r) for _, r in decoded]
-        done = await archive.completed_candids(ledger, survey, ids)
+        done = await ledger.completed(handoffs, survey, ids)
         if done:
             alerts = self.db[survey.alerts_collection(self.cfg)]
             done &= await archive.existing_candids(alerts, list(done))
@@ -299,8 +295,8 @@ class Pipeline:
         with report.timed("results"):
             await record_passes(self.db, self.cfg, survey, [p.alert for p in parts], passed)
         with report.timed("handoff"):
-            ledger = self.db[archive.handoffs_collection(self.cfg)]
-            await archive.mark_completed(ledger, survey, [p.candid for p in parts], passed, now())
+            handoffs = self.db[ledger.handoffs_collection(self.cfg)]
+            await ledger.record(handoffs, survey, [p.candid for p in parts], passed, utcnow())
 
     async def process(self, survey: Survey, packets: Sequence[Packet]) -> BatchReport:
         report = BatchReport(received=len(packets))

@@ -8,6 +8,12 @@ schemas into alert, diaSource, diaObject, ...) are read from `GET
 {url}/subjects/{subject}/versions/{version}` and parsed first, sharing fastavro's named types.
 Bundled: `<folder>/MAJOR/MINOR/*.alert.avsc` for Rubin's ids (MAJOR*100+MINOR); fastavro's
 `load_schema` resolves the other files of the folder.
+
+Why not `confluent_kafka.schema_registry.SchemaRegistryClient`: it needs the `schemaregistry`
+extra (httpx, authlib, attrs, cachetools) in the ingester image for two GET routes, and the work
+here is elsewhere: parsing the references into fastavro's named types, the bundled fallback, and
+remembering unknown ids (`UNKNOWN_RETRY_SECONDS`) so that a registry outage costs one timeout, not
+one per alert.
 """
 
 from __future__ import annotations

@@ -31,12 +31,11 @@ from pymongo.asynchronous.database import AsyncDatabase
 from ingester.archive import insert_ignoring_duplicates
 from kowalski import results
 from kowalski.config import Config
+from kowalski.documents import Doc, utcnow
 from kowalski.filtering import full_pipeline
 from kowalski.surveys import Survey
 
 log = logging.getLogger("kowalski.ingester.results")
-Doc = dict[str, Any]
-OUTBOX = "results_outbox"  # default name (config: database.collections.results_outbox)
 CUTOUTS = ("science", "template", "difference")
 
 
@@ -52,7 +51,7 @@ class ResultMessage:
 
 
 def outbox_collection(cfg: Config) -> str:
-    return cfg.database.collections.get("results_outbox", OUTBOX)
+    return cfg.database.collection("results_outbox")
 
 
 def prepare_outbox(cfg: Config) -> None:
@@ -143,7 +142,7 @@ async def streaming_filters(
     """The stream options of those filters that stream now (read every batch, so switching
     `stream` off takes effect from the next batch)."""
     docs = (
-        await db[cfg.database.collections["filters"]]
+        await db[cfg.database.collection("filters")]
         .find(
             {"filter_id": {"$in": sorted(filter_ids)}, "stream": {"$nin": [False, None]}},
             {"_id": 0, "filter_id": 1, "stream": 1},
@@ -197,7 +196,7 @@ async def record_passes(
         wanted[tuple(sorted(entry.get("permissions", [])))].add(candid)
     views = await filter_views(db, cfg, catalog, wanted)
     by_candid = {int(a["candid"]): a for a in alerts}
-    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    now = utcnow()
     docs = []
     for candid, entry, options in chosen:
         view = views[tuple(sorted(entry.get("permissions", [])))].get(candid)

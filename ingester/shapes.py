@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from ingester.lsst import check_lsst_record, lsst_detection_id, split_decam, split_lsst
 from ingester.mongify import Parts, split_alert
+from kowalski.documents import Doc
 from kowalski.surveys import Shape, Survey
-
-Doc = dict[str, Any]
 
 
 def candid_of(record: Doc) -> int:

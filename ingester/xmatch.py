@@ -64,8 +64,9 @@ async def match_catalog(
         True,
     )
 
-    async def find(query: dict[str, Any]) -> list[dict[str, Any]]:
-        return await db[catalog].find(query, projection, batch_size=ONE_REPLY).to_list()
+    async def find(query: dict[str, Any], sort: cones.Sort | None) -> list[dict[str, Any]]:
+        cursor = db[catalog].find(query, projection, batch_size=ONE_REPLY, sort=sort)
+        return await cursor.to_list()
 
     results: list[list[dict[str, Any]]] = []
     cells = await cones.has_cells(db[catalog])

@@ -14,15 +14,24 @@ The database and Kafka a command uses: ``MONGODB_URI`` / ``KAFKA_BOOTSTRAP_SERVE
 Default secrets: the API refuses to start with the JWT secret or admin password of
 `config.defaults.yaml` (`check_secrets`), unless `server.insecure_dev: true` says this is a
 development server; `up --local` binds 127.0.0.1 and uses a random secret kept in `var/`
-(`local_api_env`).
+(`local_api_env`). Likewise the entry points refuse a default or empty database password for a
+database on another machine (`check_database_password`).
+
+Why not `pydantic-settings`: its YAML and environment sources would replace `deep_merge` and
+`env_overrides` (~40 lines), but not what they carry beyond that: upstream's dotted librdkafka key
+names (`bootstrap.servers`) that an environment variable cannot spell, the four variables that
+name a server (`server_overrides`, with `origin` for error messages), and the running `up --local`
+instance's addresses. Revisit if those go.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import ipaddress
 import os
 import secrets
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +49,7 @@ from pydantic import (
 )
 
 from kowalski.instance import read_instance, state_path
+from kowalski.surveys import SURVEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS_FILE = ROOT / "config.defaults.yaml"
@@ -59,6 +69,10 @@ class Contact(_Strict):
     email: str
 
 
+# networks a sky map URL may point to although they are internal (server.skymap_fetch_allow)
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 class Server(_Strict):
     name: str
     version: str
@@ -70,11 +84,13 @@ class Server(_Strict):
     timeout: int = Field(ge=1)
     admin_username: str = Field(min_length=1)
     admin_password: str = Field(min_length=1)
-    SECRET_KEY: str
     JWT_SECRET_KEY: str = Field(min_length=1)
     JWT_ALGORITHM: Literal["HS256", "HS384", "HS512"]
     JWT_EXP_DELTA_SECONDS: int | None = Field(default=None, ge=1)
-    fernet_key: str
+    # seconds a token is valid (takes precedence over JWT_EXP_DELTA_SECONDS); null: no expiry
+    token_ttl: int | None = Field(default=None, ge=1)
+    # private/loopback/link-local networks (CIDR) sky map URLs may still be fetched from
+    skymap_fetch_allow: tuple[IPNetwork, ...] = ()
     client_max_size: int = Field(ge=1024)
     contact: Contact
     # allow the default JWT secret / admin password (a development server nobody else reaches)
@@ -82,12 +98,9 @@ class Server(_Strict):
 
 
 class ZTFMountain(_Strict):
+    # the ZTF scheduler's trigger service (api/triggers.py)
     mountain_ip: str | None = None
     mountain_port: int | None = None
-    mountain_username: str | None = None
-    mountain_password: str | None = None
-    mountain_bind_ip: str = "127.0.0.1"
-    mountain_bind_port: int = 9999
 
 
 class ResultsStream(_Strict):
@@ -108,12 +121,12 @@ class Kafka(_Strict):
     group: str = Field(min_length=1)
     bootstrap_servers: str = Field(alias="bootstrap.servers", min_length=1)
     bootstrap_test_servers: str = Field(alias="bootstrap.test.servers", min_length=1)
-    kafka_version: str
-    scala_version: str
-    processes_per_topic: dict[str, int]
     topics: dict[str, str]
     results_topic: str = "kowalski_filter_{filter_id}"
     results: ResultsStream = ResultsStream()
+    # librdkafka's max.poll.interval.ms of the ingester's consumer (its session timeout is 10 s);
+    # the results publisher's blocking calls each wait at most a quarter of it
+    max_poll_interval_ms: int = Field(default=900_000, ge=10_000)
 
     @field_validator("results_topic")
     @classmethod
@@ -131,6 +144,25 @@ class Kafka(_Strict):
     # Confluent schema registry for Confluent-framed streams (LSST); null: bundled schemas only
     schema_registry_url: str | None = None
     schema_registry_timeout_s: float = Field(default=5.0, gt=0)
+
+
+# Kowalski's own collections (not the surveys' alerts): the keys of `database.collections`
+SystemCollection = Literal[
+    "users",
+    "filters",
+    "queries",
+    "dead_letters",
+    "filter_runs",
+    "filter_backfills",
+    "filter_backfill_passes",
+    "filter_backfill_slots",
+    "skymaps",
+    "handoffs",
+    "results_outbox",
+    "skyportal_outbox",
+    "skyportal_objects",
+    "skyportal_setup",
+]
 
 
 class IndexSpec(_Strict):
@@ -171,12 +203,19 @@ class Database(_Strict):
     password: str
     srv: bool = False
     build_indexes: bool = True
+    # collection names by key: the system's own (`collection(key)`) and the surveys' alerts
+    # (`alerts_<key>`, `alerts_<key>_aux`, see kowalski/surveys.py)
     collections: dict[str, str]
     indexes: dict[str, list[IndexSpec]]
     filters: dict[str, list[dict[str, Any]]]
     xmatch: dict[str, dict[str, XMatchCatalog]]
     aliases: Aliases = Aliases()
     _filter_stage_names: dict[str, list[str]] = PrivateAttr(default_factory=dict)
+
+    def collection(self, key: SystemCollection) -> str:
+        """The name of one of Kowalski's own collections (renamed in `collections`, else the
+        key itself)."""
+        return self.collections.get(key, key)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -262,12 +301,21 @@ class ML(_Strict):
     # already run in parallel, and more threads oversubscribe the cores (see README, Benchmark)
     intra_op_threads: int = Field(default=1, ge=0)
     inter_op_threads: int = Field(default=1, ge=0)
-    ZTF: InstrumentML = InstrumentML()
-    PGIR: InstrumentML = InstrumentML()
-    WNTR: InstrumentML = InstrumentML()
-    TURBO: InstrumentML = InstrumentML()
-    LSST: InstrumentML = InstrumentML()
-    DECAM: InstrumentML = InstrumentML()
+    # the models per survey: written as upstream does, one key per survey name beside the
+    # settings above (`ml.ZTF.models`), validated against the survey registry
+    surveys: dict[str, InstrumentML] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _survey_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        settings = {k: v for k, v in data.items() if k not in SURVEYS}
+        per_survey = {k: v for k, v in data.items() if k in SURVEYS}
+        return {**settings, "surveys": {**(settings.pop("surveys", None) or {}), **per_survey}}
+
+    def models_of(self, survey: str) -> dict[str, MLModel]:
+        return self.surveys.get(survey, InstrumentML()).models
 
 
 class SkyPortal(_Strict):
@@ -276,7 +324,7 @@ class SkyPortal(_Strict):
     port: int = Field(ge=1, le=65535)
     username: str
     token: str | None = None
-    # the broker feed (ingester/skyportal*.py): HTTP behaviour and outbox delivery
+    # the broker feed (ingester/skyportal/): HTTP behaviour and outbox delivery
     timeout_s: float = Field(default=5.0, gt=0)
     photometry_timeout_s: float = Field(default=15.0, gt=0)
     followup_timeout_s: float = Field(default=30.0, gt=0)
@@ -303,16 +351,34 @@ class Ingester(_Strict):
     batch_size: int = Field(ge=1)
     batch_timeout_s: float = Field(gt=0)
     filter_max_time_ms: int = Field(ge=1)
+    # the ingester's /metrics, /healthz and /readyz (kowalski/metrics.py); port 0: not served
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9309, ge=0, le=65535)
+    # how often librdkafka reports the consumer's lag to the metrics
+    statistics_interval_ms: int = Field(default=5000, ge=100)
+
+
+class Backfill(_Strict):
+    """Filter back-fills over the archive (`kowalski/backfill.py`)."""
+
+    batch_size: int = Field(default=256, ge=1)  # alerts per filter run (and checkpoint)
+    max_alerts: int = Field(default=100_000, ge=1)  # per job, for users who are not admins
+    max_jobs_per_user: int = Field(default=2, ge=1)  # queued or running at once
+    lease_s: float = Field(default=300.0, gt=0)  # a runner silent this long is taken over
+    poll_s: float = Field(default=5.0, gt=0)  # how often an idle runner looks for jobs
+    in_ingester: bool = True  # run jobs in a thread of `python -m ingester`
+    explain_max_alerts: int = Field(default=5000, ge=1)  # largest explain sample
 
 
 class Misc(_Strict):
     broker: bool
     supported_penquins_versions: list[str]
     max_time_ms: int = Field(ge=1)
+    # the most a non-admin query with a regular expression may run (backstop of api/safety.py)
+    regex_max_time_ms: int = Field(default=10000, ge=1)
     # queries one user may run at a time in one API worker; more wait up to their max_time_ms
     max_concurrent_queries: int = Field(default=8, ge=1)
     logging_level: Literal["debug", "info", "warning", "error"]
-    openapi_validate: bool = False
 
 
 class Local(_Strict):
@@ -320,15 +386,6 @@ class Local(_Strict):
     mongo_port: int = Field(ge=1, le=65535)
     kafka_port: int = Field(ge=1, le=65535)
     kafka_controller_port: int = Field(ge=1, le=65535)
-
-
-class Enabled(_Strict):
-    ztf: bool = True
-    pgir: bool = False
-    wntr: bool = False
-    turbo: bool = False
-    lsst: bool = False
-    decam: bool = False
 
 
 class Config(_Strict):
@@ -340,10 +397,26 @@ class Config(_Strict):
     skyportal: SkyPortal
     dask: Dask
     ingester: Ingester
+    backfill: Backfill = Backfill()
     misc: Misc
     local: Local
-    enabled: Enabled
+    # surveys ingested, by the registry's lower-case key (`enabled.lsst: true`); a survey not
+    # named keeps its registry default (ZTF on, the others off)
+    enabled: dict[str, bool] = {}
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("enabled")
+    @classmethod
+    def _enabled_surveys(cls, value: dict[str, bool]) -> dict[str, bool]:
+        keys = {survey.key: survey for survey in SURVEYS.values()}
+        unknown = sorted(set(value) - set(keys))
+        if unknown:
+            raise ValueError(f"unknown survey(s) {unknown}; the surveys are {sorted(keys)}")
+        return {key: value.get(key, survey.enabled_by_default) for key, survey in keys.items()}
+
+    def enabled_surveys(self) -> list[str]:
+        """The names (registry order) of the surveys this instance ingests."""
+        return [name for name, survey in SURVEYS.items() if self.enabled[survey.key]]
 
     def path(self, relative: str) -> Path:
         """Resolve a path from the config relative to the repository root."""
@@ -453,11 +526,38 @@ def server_overrides(
     return tree, origins
 
 
+# upstream settings this Kowalski does not use (no session cookies, Kafka run from pinned jars,
+# one consumer group per ingester, no SSH tunnel to the ZTF scheduler): refused with this hint
+RETIRED_KEYS = frozenset(
+    {
+        "server.SECRET_KEY",
+        "server.fernet_key",
+        "kafka.kafka_version",
+        "kafka.scala_version",
+        "kafka.processes_per_topic",
+        "misc.openapi_validate",
+        "ztf.mountain_username",
+        "ztf.mountain_password",
+        "ztf.mountain_bind_ip",
+        "ztf.mountain_bind_port",
+    }
+)
+
+
+def retired_hint(key: str) -> str:
+    top = ".".join(key.split(".")[:2])
+    return (
+        " (an upstream setting this Kowalski does not use: remove it)"
+        if top in RETIRED_KEYS
+        else ""
+    )
+
+
 def _format_error(exc: ValidationError) -> str:
     first = exc.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        return f"config error: unknown key kowalski.{key}"
+        return f"config error: unknown key kowalski.{key}{retired_hint(key)}"
     value = first.get("input")
     shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
@@ -482,6 +582,62 @@ def build_config(files: list[Path] | None = None, environ: dict[str, str] | None
     return cfg
 
 
+# ---------------------------------------------------------------- database credentials
+# A default or empty database password is refused by the entry points (`load_config_or_exit`)
+# unless the database is on this machine (the embedded server of `up --local` and of the tests,
+# a developer's mongod) or `server.insecure_dev` is true.
+
+PASSWORDLESS_MECHANISMS = ("MONGODB-X509", "MONGODB-AWS", "MONGODB-OIDC", "GSSAPI")
+
+
+def _uri_host(entry: str) -> str:
+    if entry.startswith("["):  # [::1]:27017
+        return entry[1 : entry.find("]")]
+    return entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry
+
+
+def database_credentials(cfg: Config) -> tuple[list[str], str | None]:
+    """The database's servers (host:port) and the password the programs log in with (None: no
+    password needed, e.g. X.509), from `database.uri` (MONGODB_URI) or host and credentials."""
+    db = cfg.database
+    if not db.uri:
+        return [f"{db.host}:{db.port}"], db.admin_password
+    parts = urllib.parse.urlsplit(db.uri)
+    userinfo, _, servers = parts.netloc.rpartition("@")
+    mechanism = urllib.parse.parse_qs(parts.query).get("authMechanism", [""])[0]
+    password = urllib.parse.unquote(userinfo.partition(":")[2])
+    return servers.split(","), None if mechanism.upper() in PASSWORDLESS_MECHANISMS else password
+
+
+def is_local_host(server: str) -> bool:
+    """Loopback addresses and unix sockets: a database only this machine reaches."""
+    host = _uri_host(server)
+    if host == "localhost" or host.startswith(("/", "%2F", "%2f")):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_database_password(cfg: Config) -> None:
+    """Refuse a default (config.defaults.yaml's) or empty database password for a database
+    other machines may reach, unless `server.insecure_dev` is set."""
+    servers, password = database_credentials(cfg)
+    if password is None or cfg.server.insecure_dev or all(map(is_local_host, servers)):
+        return
+    default = _read_yaml(DEFAULTS_FILE).get("database", {}).get("admin_password")
+    if password and password != default:
+        return
+    what = "an empty" if not password else "the default (config.defaults.yaml)"
+    raise ConfigError(
+        f"refusing to use the database at {','.join(servers)} with {what} password: set "
+        "MONGO_INITDB_ROOT_PASSWORD (docker compose), the password in MONGODB_URI or "
+        "database.admin_password; a default or empty one is accepted only for a database on "
+        "this machine (127.0.0.1) or with server.insecure_dev: true"
+    )
+
+
 def user_files() -> list[Path] | None:
     """The user's configuration: KOWALSKI_CONFIG if set, else (None) config.yaml."""
     extra = os.environ.get("KOWALSKI_CONFIG")
@@ -495,11 +651,14 @@ def load_config() -> Config:
 
 
 def load_config_or_exit() -> Config:
-    """For entry points: the configuration, or exit with its one-line error."""
+    """For entry points: the configuration, its database password checked
+    (`check_database_password`), or exit with its one-line error."""
     import sys
 
     try:
-        return load_config()
+        cfg = load_config()
+        check_database_password(cfg)
+        return cfg
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -524,6 +683,21 @@ def check_secrets(cfg: Config) -> None:
             f"refusing to serve with the default server.{' and server.'.join(found)}: set "
             "KOWALSKI_JWT_SECRET_KEY / KOWALSKI_ADMIN_PASSWORD (or server.* in config.yaml), "
             "or server.insecure_dev: true for a development server"
+        )
+    check_secret_length(cfg)
+
+
+MIN_SECRET_BYTES = 32
+
+
+def check_secret_length(cfg: Config) -> None:
+    """Outside development (`insecure_dev`, as `up --local` sets), a JWT secret short enough to
+    guess offline from one token is refused."""
+    if len(cfg.server.JWT_SECRET_KEY.encode()) < MIN_SECRET_BYTES and not cfg.server.insecure_dev:
+        raise ConfigError(
+            f"refusing to serve with a server.JWT_SECRET_KEY shorter than {MIN_SECRET_BYTES} "
+            "bytes: set a long random one (e.g. python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(48))')"
         )
 
 

@@ -74,7 +74,7 @@ def require_database(cfg: Config, timeout_ms: int = 5000) -> None:
     except ConfigurationError as exc:
         raise unreachable(cfg, "database", f"not a valid MongoDB URI ({exc})") from None
     try:
-        client[cfg.database.db]["users"].find_one({}, {"_id": 1})
+        client[cfg.database.db][cfg.database.collection("users")].find_one({}, {"_id": 1})
     except PyMongoError as exc:
         raise unreachable(cfg, "database", mongo_reason(exc)) from None
     finally:
@@ -83,7 +83,7 @@ def require_database(cfg: Config, timeout_ms: int = 5000) -> None:
 
 def require_kafka(cfg: Config, timeout_s: float = 5.0) -> None:
     """Raise `Unreachable` unless a Kafka broker answers at the configured bootstrap servers."""
-    from kowalski.testing.kafka import broker_ready
+    from kowalski.services.kafka import broker_ready
 
     try:
         ready = broker_ready(cfg.kafka.bootstrap_servers, timeout=timeout_s)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import quote_plus
 
 from pymongo import AsyncMongoClient, MongoClient
@@ -10,9 +10,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.database import Database
 from pymongo.errors import OperationFailure
 
-from kowalski.config import Config, IndexSpec
-
-Document = dict[str, Any]
+from kowalski.config import Config, IndexSpec, SystemCollection
+from kowalski.documents import Doc
 
 
 def mongo_uri(cfg: Config) -> str:
@@ -29,22 +28,32 @@ def mongo_uri(cfg: Config) -> str:
     return f"mongodb://{auth}{db.host}:{db.port}/?authSource=admin&{options}"
 
 
-def async_client(cfg: Config, **kwargs: Any) -> AsyncMongoClient[Document]:
+def async_client(cfg: Config, **kwargs: Any) -> AsyncMongoClient[Doc]:
     return AsyncMongoClient(
         mongo_uri(cfg), maxPoolSize=cfg.database.max_pool_size, tz_aware=False, **kwargs
     )
 
 
-def sync_client(cfg: Config, **kwargs: Any) -> MongoClient[Document]:
+def sync_client(cfg: Config, **kwargs: Any) -> MongoClient[Doc]:
     return MongoClient(
         mongo_uri(cfg), maxPoolSize=cfg.database.max_pool_size, tz_aware=False, **kwargs
     )
 
 
+# Kowalski's own collections that users may read: skymaps (shared), and back-fill passes (each
+# user sees their own records: api/policy.py)
+USER_READABLE: frozenset[SystemCollection] = frozenset({"skymaps", "filter_backfill_passes"})
+
+
 def system_collection_names(cfg: Config) -> frozenset[str]:
-    """Names (after config renaming) of the collections only admins may touch."""
-    keys = {"users", "filters", "queries", "dead_letters", "filter_runs"}
-    return frozenset(v for k, v in cfg.database.collections.items() if k in keys)
+    """Names (after config renaming) of the collections only admins may touch: every one of
+    Kowalski's own but `USER_READABLE` (the outboxes and the ledger hold alerts and passes of
+    every programid, so they are never open to a user's query)."""
+    return frozenset(
+        cfg.database.collection(key)
+        for key in get_args(SystemCollection)
+        if key not in USER_READABLE
+    )
 
 
 def _index_keys(spec: IndexSpec) -> list[tuple[str, int | str]]:
@@ -84,7 +93,7 @@ async def create_index(coll: Any, keys: IndexKeys, name: str, unique: bool = Fal
         raise
 
 
-async def ensure_indexes(db: AsyncDatabase[Document], cfg: Config, collection: str) -> list[str]:
+async def ensure_indexes(db: AsyncDatabase[Doc], cfg: Config, collection: str) -> list[str]:
     """Create the configured indexes of `collection` (idempotent, safe to race); their names."""
     return [
         await create_index(db[collection], _index_keys(spec), spec.name, spec.unique)
@@ -92,7 +101,7 @@ async def ensure_indexes(db: AsyncDatabase[Document], cfg: Config, collection: s
     ]
 
 
-def ensure_indexes_sync(db: Database[Document], cfg: Config, collection: str) -> list[str]:
+def ensure_indexes_sync(db: Database[Doc], cfg: Config, collection: str) -> list[str]:
     return [
         create_index_sync(db[collection], _index_keys(spec), spec.name, spec.unique)
         for spec in cfg.database.indexes.get(collection, [])

@@ -1,11 +1,13 @@
-"""Per-process measurements for benchmarks and diagnostics: database round trips (PyMongo command
-monitoring), CPU time and peak resident memory.
+"""Per-process measurements for benchmarks and diagnostics: database round trips and bytes
+(PyMongo command monitoring), CPU time and peak resident memory.
 
 `install()` registers one process-wide PyMongo `CommandListener`; it counts every command sent to a
 server (each is one round trip: `find`, `getMore`, `insert`, `aggregate`, ...) by command name and
-the collection it targets (`"find ZTF_alerts_aux"`), for every client created after the call. `snapshot()` returns the counts with this process's CPU time
-and peak RSS, as plain data that can cross process boundaries (e.g. `dask.Client.run`); `delta()`
-subtracts two snapshots of the same process.
+the collection it targets (`"find ZTF_alerts_aux"`), for every client created after the call, with
+the BSON size of each command and of its reply (re-encoded here: a cost only where installed, the
+benchmark). `snapshot()` returns the counts with this process's CPU time and peak RSS, as plain
+data that can cross process boundaries (e.g. `dask.Client.run`); `delta()` subtracts two snapshots
+of the same process.
 """
 
 from __future__ import annotations
@@ -17,34 +19,51 @@ import threading
 from collections import Counter
 from typing import Any
 
+import bson
 from pymongo import monitoring
 
 
 class CommandCounter(monitoring.CommandListener):
-    """Counts started commands by "name collection"; thread-safe (drivers call it from several
-    threads)."""
+    """Counts started commands by "name collection", and the bytes of the commands sent and of
+    the replies received; thread-safe (drivers call it from several threads)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()
+        self._open: dict[tuple[Any, int], str] = {}  # (connection, request id) -> key
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         name = event.command_name
         target = event.command.get(name)
         if not isinstance(target, str):  # getMore names its cursor; the collection is apart
             target = event.command.get("collection", "")
+        key = f"{name} {target}".rstrip()
+        size = len(bson.encode(event.command))
         with self._lock:
-            self.counts[f"{name} {target}".rstrip()] += 1
+            self.counts[key] += 1
+            self.sent[key] += size
+            self._open[(event.connection_id, event.request_id)] = key
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        """Only starts are counted."""
+        size = len(bson.encode(event.reply))
+        with self._lock:
+            key = self._open.pop((event.connection_id, event.request_id), event.command_name)
+            self.received[key] += size
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        """Only starts are counted."""
+        with self._lock:
+            self._open.pop((event.connection_id, event.request_id), None)
 
     def copy(self) -> dict[str, int]:
         with self._lock:
             return dict(self.counts)
+
+    def copy_bytes(self) -> dict[str, list[int]]:
+        """{"name collection": [bytes sent, bytes received]}."""
+        with self._lock:
+            return {key: [self.sent[key], self.received[key]] for key in self.sent}
 
 
 _COUNTER: CommandCounter | None = None
@@ -74,12 +93,14 @@ def peak_rss_mb() -> float:
 
 
 def snapshot() -> dict[str, Any]:
-    """{pid, cpu_s, peak_rss_mb, commands: {"name collection": count}} of this process."""
+    """{pid, cpu_s, peak_rss_mb, commands: {"name collection": count}, bytes: {"name
+    collection": [sent, received]}} of this process."""
     return {
         "pid": os.getpid(),
         "cpu_s": cpu_seconds(),
         "peak_rss_mb": peak_rss_mb(),
         "commands": _COUNTER.copy() if _COUNTER is not None else {},
+        "bytes": _COUNTER.copy_bytes() if _COUNTER is not None else {},
     }
 
 
@@ -89,11 +110,21 @@ def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     commands = {
         name: after["commands"].get(name, 0) - before["commands"].get(name, 0) for name in names
     }
+    sizes = {
+        name: [
+            now - then
+            for now, then in zip(
+                after["bytes"].get(name, [0, 0]), before["bytes"].get(name, [0, 0]), strict=True
+            )
+        ]
+        for name in set(before["bytes"]) | set(after["bytes"])
+    }
     return {
         "pid": after["pid"],
         "cpu_s": after["cpu_s"] - before["cpu_s"],
         "peak_rss_mb": after["peak_rss_mb"],
         "commands": {name: n for name, n in sorted(commands.items()) if n},
+        "bytes": {name: b for name, b in sorted(sizes.items()) if any(b)},
     }
 
 
@@ -103,3 +134,13 @@ def by_command(commands: dict[str, int]) -> dict[str, int]:
     for key, count in commands.items():
         totals[key.split(" ", 1)[0]] += count
     return dict(totals.most_common())
+
+
+def bytes_by_command(sizes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """[sent, received] of `snapshot()["bytes"]` summed per command name, most bytes first."""
+    totals: dict[str, list[int]] = {}
+    for key, (sent, received) in sizes.items():
+        total = totals.setdefault(key.split(" ", 1)[0], [0, 0])
+        total[0] += sent
+        total[1] += received
+    return dict(sorted(totals.items(), key=lambda kv: -sum(kv[1])))

@@ -24,6 +24,7 @@ from typing import Any
 import fastavro
 
 from kowalski.config import ROOT, Config
+from kowalski.surveys import SURVEYS
 
 SCHEMA_FILE = ROOT / "schemas" / "results" / "filter_pass.avsc"
 SCHEMA_VERSION = "1.0"
@@ -165,7 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     tail_cmd = commands.add_parser("tail", help="decode and print a filter's results stream")
     tail_cmd.add_argument("--filter", type=int, required=True, help="filter id")
-    tail_cmd.add_argument("--survey", default="ZTF", help="the filter's survey (default ZTF)")
+    first = next(iter(SURVEYS))
+    tail_cmd.add_argument(
+        "--survey",
+        default=first,
+        choices=list(SURVEYS),
+        help=f"the filter's survey (default {first})",
+    )
     tail_cmd.add_argument("--from-beginning", action="store_true", help="not only new passes")
     tail_cmd.add_argument("--idle", type=float, help="stop after this many seconds without one")
     tail_cmd.add_argument("--full", action="store_true", help="print light curves and cutouts too")

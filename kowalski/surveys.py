@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,21 +29,67 @@ Shape = Literal["ztf", "lsst", "decam"]
 JD_UNIX_EPOCH = 2440587.5
 
 
+ANY_STREAM = "*"  # the stream label of surveys whose points all go to one stream
+
+
 @dataclass(frozen=True)
 class SkyPortalSpec:
-    """How a survey's photometry is posted to SkyPortal (the broker feed, ingester/skyportal.py)."""
+    """How a survey is posted to SkyPortal (the broker feed, ingester/skyportal/stage.py).
+
+    Streams follow upstream's matching rules: ZTF's are found by their exact names, each carrying
+    some programids (`programid_streams`); every other survey posts to the first stream whose name
+    contains one of `stream_tokens` (case-sensitively, as upstream's PGIR and TURBO brokers do,
+    unless `tokens_any_case`, as upstream's WINTER broker does for "WNTR"/"WINTER")."""
 
     instrument: str  # instrument name on SkyPortal
-    filters: Mapping[int, str] | None = None  # fid -> SkyPortal filter; None: str(fid)
-    default_filter: str | None = None  # the filter of any fid not in `filters`; None: drop it
-    # streams: ZTF's are named per programid; other surveys use the stream whose name has this
-    stream_token: str | None = None
+    filters: Mapping[Any, str] | None = None  # band -> SkyPortal filter; None: str(band)
+    default_filter: str | None = None  # the filter of any band not in `filters`; None: drop it
+    band_key: str = "fid"  # the point field holding its band
+    # None: points carry magnitudes (magpsf/sigmapsf, posted as µJy fluxes at zp 23.9); else
+    # they carry psfFlux/psfFluxErr in nJy, posted as they are with this zero point (Rubin's 31.4)
+    flux_zp: float | None = None
+    programid_streams: Mapping[str, tuple[int, ...]] | None = None
+    stream_tokens: tuple[str, ...] = ()
+    tokens_any_case: bool = False
 
-    def filter_of(self, fid: Any) -> str | None:
+    def filter_of(self, band: Any) -> str | None:
         """A point's SkyPortal filter (None: the point is not posted)."""
         if self.filters is None:
-            return None if fid is None else str(fid)
-        return self.filters.get(fid, self.default_filter)
+            return None if band is None else str(band)
+        return self.filters.get(band, self.default_filter)
+
+    def stream_ids(self, streams: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+        """{stream label: SkyPortal stream id} from `GET /api/streams` (labels: ZTF's stream
+        names, else ANY_STREAM)."""
+        by_name = {str(s.get("name")): int(s["id"]) for s in streams if "id" in s}
+        if self.programid_streams is not None:
+            return {name: sid for name, sid in by_name.items() if name in self.programid_streams}
+        for name, sid in by_name.items():
+            if any(self._contains(name, token) for token in self.stream_tokens):
+                return {ANY_STREAM: sid}
+        return {}
+
+    def _contains(self, name: str, token: str) -> bool:
+        if self.tokens_any_case:
+            return token.lower() in name.lower().strip()
+        return token in name
+
+    def stream_labels(self) -> tuple[str, ...]:
+        """The labels every one of which must be mapped to a stream."""
+        return tuple(self.programid_streams or ()) or (ANY_STREAM,)
+
+    def stream_of(self, programid: Any) -> str | None:
+        """The label of the stream a point of this programid goes to (None: not posted)."""
+        if self.programid_streams is None:
+            return ANY_STREAM
+        return next((n for n, ids in self.programid_streams.items() if programid in ids), None)
+
+    def stream_rule(self) -> str:
+        """The matching rule, in words (for errors and `feed status`)."""
+        if self.programid_streams is not None:
+            return "streams named " + ", ".join(repr(n) for n in self.programid_streams)
+        case = "any case" if self.tokens_any_case else "case-sensitive"
+        return f"a stream whose name contains {' or '.join(map(repr, self.stream_tokens))} ({case})"
 
 
 @dataclass(frozen=True)
@@ -70,6 +116,10 @@ class Survey:
     # first part of the writer schemas' full names (lsst.v7_1.alert); default: the topic prefix
     schema_name: str = ""
     skyportal: SkyPortalSpec | None = None  # None: the broker feed does not post this survey
+    enabled_by_default: bool = False  # ingested unless `enabled.<key>` says otherwise
+    # rights "programid": every programid of the survey, and those any user may see
+    programids: tuple[int, ...] = ()
+    public_programids: tuple[int, ...] = ()
 
     @property
     def schema_family(self) -> str:
@@ -139,7 +189,18 @@ SURVEYS: dict[str, Survey] = {
             orientation="flipud",
             rights="programid",
             data_folder="ztf_alerts",
-            skyportal=SkyPortalSpec("ZTF", {1: "ztfg", 2: "ztfr", 3: "ztfi"}),
+            enabled_by_default=True,
+            programids=(0, 1, 2, 3),
+            public_programids=(1,),
+            skyportal=SkyPortalSpec(
+                "ZTF",
+                {1: "ztfg", 2: "ztfr", 3: "ztfi"},
+                programid_streams={
+                    "ZTF Public": (1,),
+                    "ZTF Public+Partnership": (2,),
+                    "ZTF Public+Partnership+Caltech": (0, 3),
+                },
+            ),
         ),
         Survey(
             "PGIR",
@@ -148,7 +209,7 @@ SURVEYS: dict[str, Survey] = {
             "objectId",
             orientation="rot270_fliplr",
             data_folder="other_alerts/pgir_alerts",
-            skyportal=SkyPortalSpec("PGIR", {}, default_filter="cspjs", stream_token="PGIR"),
+            skyportal=SkyPortalSpec("PGIR", {}, default_filter="cspjs", stream_tokens=("PGIR",)),
         ),
         Survey(
             "WNTR",
@@ -159,7 +220,10 @@ SURVEYS: dict[str, Survey] = {
             data_folder="other_alerts/wntr_alerts",
             # fid 4 (dark) is not posted
             skyportal=SkyPortalSpec(
-                "WINTER", {1: "ps1::y", 2: "2massj", 3: "2massh"}, stream_token="WNTR"
+                "WINTER",
+                {1: "ps1::y", 2: "2massj", 3: "2massh"},
+                stream_tokens=("WNTR", "WINTER"),
+                tokens_any_case=True,
             ),
         ),
         Survey(
@@ -169,7 +233,7 @@ SURVEYS: dict[str, Survey] = {
             "objectId",
             orientation="flipud",
             data_folder="other_alerts/turbo_alerts",
-            skyportal=SkyPortalSpec("TURBO", None, stream_token="TURBO"),
+            skyportal=SkyPortalSpec("TURBO", None, stream_tokens=("TURBO",)),
         ),
         Survey(
             "LSST",
@@ -184,6 +248,14 @@ SURVEYS: dict[str, Survey] = {
             schema_folder="schemas/lsst",
             history_key=("diaSourceId",),
             schema_name="lsst",
+            skyportal=SkyPortalSpec(
+                "LSST",
+                {b: f"lsst{b}" for b in "ugrizy"},
+                band_key="band",
+                flux_zp=31.4,
+                stream_tokens=("LSST",),
+                tokens_any_case=True,
+            ),
         ),
         Survey(
             "DECAM",
@@ -194,6 +266,14 @@ SURVEYS: dict[str, Survey] = {
             data_folder="decam_alerts",
             shape="decam",
             schema_name="desirt",
+            skyportal=SkyPortalSpec(
+                "DECam",
+                {b: f"des{b}" for b in "grizy"},
+                band_key="band",
+                flux_zp=31.4,
+                stream_tokens=("DECAM",),
+                tokens_any_case=True,
+            ),
         ),
     )
 }

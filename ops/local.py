@@ -19,17 +19,17 @@ from pathlib import Path
 from kowalski.config import ROOT, Config, load_config, local_api_env
 from kowalski.db import mongo_uri
 from kowalski.instance import LocalInstance, read_instance, remove_instance, write_instance
-from kowalski.surveys import SURVEYS, bundled_packets
-from kowalski.testing.api import ApiServer, answers
-from kowalski.testing.kafka import LocalKafka, broker_ready
-from kowalski.testing.mongo import EmbeddedMongo, ping
-from kowalski.testing.process import (
+from kowalski.services.api import ApiServer, answers
+from kowalski.services.kafka import LocalKafka, broker_ready
+from kowalski.services.mongo import EmbeddedMongo, ping
+from kowalski.services.process import (
     ServiceError,
     ToolMissing,
     start_process,
     stop_process,
     wait_until,
 )
+from kowalski.surveys import SURVEYS, bundled_packets
 
 
 def var_dir(cfg: Config) -> Path:

@@ -1,6 +1,7 @@
 """`kowalski.py seed <directory>`: load every catalog found in a directory into the configured
 database: the known upstream samples with their ingesters, `mongorestore` archives
-(`*.dump`, `*.archive`, optionally `.gz`) when the tool is installed.
+(`*.dump`, `*.archive`, optionally `.gz`) when the tool is installed (it reads the database
+password from a `--config` file of mode 0600, deleted after, never from its command line).
 
 `kowalski.py seed --index-cells COLLECTION`: add the sky cell (kowalski/skycells.py) in place to
 the documents of a collection loaded without it (e.g. restored from an upstream dump), then its
@@ -12,8 +13,13 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
+import yaml
 from pymongo import UpdateOne
 from pymongo.collection import Collection
 from tqdm import tqdm
@@ -21,7 +27,8 @@ from tqdm import tqdm
 from kowalski.cones import GEO_FIELD
 from kowalski.config import Config, load_config
 from kowalski.connectivity import one_line_errors, require_database
-from kowalski.db import Document, create_index_sync, mongo_uri, sync_client
+from kowalski.db import create_index_sync, mongo_uri, sync_client
+from kowalski.documents import Doc
 from kowalski.skycells import CELL_FIELD, CELL_INDEX, CELL_INDEX_NAME, add_cells
 from ops.catalogs.ingest import CHECKPOINTS, Report
 from ops.catalogs.readers import ReadError
@@ -31,14 +38,40 @@ ARCHIVES = (".dump", ".archive", ".dump.gz", ".archive.gz")
 CELL_BATCH = 1000
 
 
+def without_password(uri: str) -> tuple[str, str | None]:
+    """`uri` with the password taken out of its user info, and that password (None: none)."""
+    parts = urlsplit(uri)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if not at or not colon:
+        return uri, None
+    return urlunsplit(parts._replace(netloc=f"{user}@{hosts}")), unquote(password)
+
+
+@contextmanager
+def password_config(password: str | None) -> Iterator[list[str]]:
+    """mongorestore's `--config` option for `password` (a YAML file only this user may read,
+    deleted after), so that the password is never on a command line other users can see."""
+    if password is None:
+        yield []
+        return
+    with tempfile.TemporaryDirectory(prefix="kowalski-restore-") as folder:
+        path = Path(folder) / "mongorestore.yaml"
+        path.touch(mode=0o600)
+        path.write_text(yaml.safe_dump({"password": password}))
+        yield [f"--config={path}"]
+
+
 def restore(uri: str, db_name: str, archive: Path, drop: bool) -> str:
     tool = shutil.which("mongorestore")
     if not tool:
         return f"{archive.name}: skipped (mongorestore not installed)"
-    cmd = [tool, f"--uri={uri}", f"--archive={archive}", f"--nsInclude={db_name}.*"]
+    bare_uri, password = without_password(uri)
+    cmd = [tool, f"--uri={bare_uri}", f"--archive={archive}", f"--nsInclude={db_name}.*"]
     cmd += ["--gzip"] if archive.name.endswith(".gz") else []
     cmd += ["--drop"] if drop else []
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    with password_config(password) as config:
+        result = subprocess.run(cmd + config, capture_output=True, text=True)
     if result.returncode != 0:
         return f"{archive.name}: mongorestore failed: {result.stderr.strip().splitlines()[-1:]}"
     return f"{archive.name}: restored"
@@ -90,7 +123,7 @@ def _seed(cfg: Config, source: Path, drop: bool) -> int:
     return 0
 
 
-def _set_cells(coll: Collection[Document], docs: list[Document]) -> None:
+def _set_cells(coll: Collection[Doc], docs: list[Doc]) -> None:
     add_cells(docs)
     coll.bulk_write(
         [
@@ -101,7 +134,7 @@ def _set_cells(coll: Collection[Document], docs: list[Document]) -> None:
     )
 
 
-def index_cells(coll: Collection[Document], batch: int = CELL_BATCH, progress: bool = True) -> int:
+def index_cells(coll: Collection[Doc], batch: int = CELL_BATCH, progress: bool = True) -> int:
     """Set the sky cell on every located document of `coll` lacking it, in batches, then create
     the cell index (last, so its presence means the collection is done); how many were set."""
     missing = {CELL_FIELD: {"$exists": False}, GEO_FIELD: {"$exists": True}}
@@ -112,7 +145,7 @@ def index_cells(coll: Collection[Document], batch: int = CELL_BATCH, progress: b
         disable=not progress,
     )
     done = 0
-    pending: list[Document] = []
+    pending: list[Doc] = []
     for doc in coll.find(missing, {GEO_FIELD: 1}, batch_size=batch):
         pending.append(doc)
         if len(pending) >= batch:

@@ -26,8 +26,8 @@ from api.app import app_factory
 from ingester.decode import decode_packet
 from ingester.replay import ingest_files
 from kowalski.config import Config, build_config
-from kowalski.testing.api import ApiServer
-from kowalski.testing.process import free_port
+from kowalski.services.api import ApiServer
+from kowalski.services.process import free_port
 
 from .conftest import ztf_alert_files
 

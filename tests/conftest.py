@@ -21,9 +21,9 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from kowalski.config import ROOT, Config, build_config
-from kowalski.testing.kafka import LocalKafka
-from kowalski.testing.mongo import EmbeddedMongo
-from kowalski.testing.process import free_port
+from kowalski.services.kafka import LocalKafka
+from kowalski.services.mongo import EmbeddedMongo
+from kowalski.services.process import free_port
 
 KOWALSKI = [sys.executable, str(ROOT / "kowalski.py")]
 DATA = ROOT / "data"
@@ -76,6 +76,9 @@ def test_environ(
         "KOWALSKI__local__var_dir": str(tmp_path_factory.mktemp("var")),
         "KOWALSKI_JWT_SECRET_KEY": "test-" + uuid.uuid4().hex,
         "KOWALSKI__server__insecure_dev": "true",  # tests log in as admin/admin
+        # ingesters started by tests serve no metrics endpoint (several run at once, and a
+        # developer's instance may hold 9309); tests/test_metrics.py sets a free port
+        "KOWALSKI__ingester__metrics_port": "0",
     }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from kowalski.testing.process import free_port
+from kowalski.services.process import free_port
 
 Doc = dict[str, Any]
 TOKEN = "test-token"
@@ -212,6 +212,8 @@ class FakeSkyPortal:
                 if obj not in s.sources:
                     return error(400, "no source")
                 return ok([{"id": g} for g in sorted(s.sources[obj])])
+            case ("GET", ["sources", obj, "comments"]):
+                return ok(s.comments.get(obj, []))
             case ("POST", ["sources", obj, "comments"]):
                 s.comments[obj].append(body)
                 return ok({"comment_id": next(self.ids)})

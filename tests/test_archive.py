@@ -13,7 +13,7 @@ from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.collection import AsyncCollection
 
 from ingester import archive
-from ingester.mongify import Parts
+from ingester.mongify import Parts, history_key
 from ingester.shapes import split
 from kowalski.surveys import SURVEYS
 
@@ -28,9 +28,12 @@ class Commands(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self.names: list[str] = []
+        self.updates: list[Doc] = []  # the update statements sent
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         self.names.append(event.command_name)
+        if event.command_name == "update":
+            self.updates.extend(event.command.get("updates", []))
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -156,3 +159,77 @@ async def test_cross_matches_are_asked_once_per_batch(
     await archive.store_aux(coll, ZTF, parts, ["CAT"], matcher)  # matched already: not asked
     assert calls == [len(objects(parts))]
     assert await coll.count_documents({"cross_matches.CAT": {"$size": 1}}) == len(objects(parts))
+
+
+async def stored_documents(coll: AsyncCollection[Doc]) -> dict[Any, Doc]:
+    return {d.pop("_id"): d for d in await coll.find({}, {"_rev": 0}).to_list()}
+
+
+@pytest.mark.parametrize("order", ["in_order", "reversed"])
+async def test_an_update_sends_only_the_new_points(
+    aux: tuple[AsyncCollection[Doc], Commands], order: str
+) -> None:
+    """An object's next alert adds its new points with `$push` (not the whole history again):
+    the stored document equals that of one batch holding both alerts. Out of order, the earlier
+    alert's candidate adds fields to a stored point and the history is written whole."""
+    coll, commands = aux
+    parts = batch()
+    counts: dict[str, int] = {}
+    for part in parts:
+        counts[part.alert["objectId"]] = counts.get(part.alert["objectId"], 0) + 1
+    twice = sorted(obj for obj, n in counts.items() if n > 1)
+    assert twice, "the bundled real ZTF alerts hold an object with two alerts"
+    mine = sorted(
+        (p for p in parts if p.alert["objectId"] in twice),
+        key=lambda p: p.alert["candidate"]["jd"],
+        reverse=order == "reversed",
+    )
+    for part in mine:
+        commands.updates.clear()
+        await archive.store_aux(coll, ZTF, [part], [], no_matches)
+    (statement,) = commands.updates
+    if order == "in_order":
+        assert "prv_candidates" not in statement["u"]["$set"]
+        assert statement["u"]["$push"]["prv_candidates"]["$each"]
+    else:
+        assert "$push" not in statement["u"]
+        assert statement["u"]["$set"]["prv_candidates"]
+    alone = coll.database["alone"]
+    await archive.store_aux(alone, ZTF, mine, [], no_matches)
+    got, want = await stored_documents(coll), await stored_documents(alone)
+    if order == "in_order":
+        assert got == want
+    else:  # a point keeps the values it was stored with first (here the rounded prv copy)
+        for obj, doc in want.items():
+            points = got[obj]["prv_candidates"]
+            assert [history_key(p) for p in points] == [
+                history_key(p) for p in doc["prv_candidates"]
+            ]
+            assert [set(p) for p in points] == [set(p) for p in doc["prv_candidates"]]
+
+
+async def test_a_point_older_than_the_stored_ones_is_pushed_in_order(
+    aux: tuple[AsyncCollection[Doc], Commands],
+) -> None:
+    """A point that belongs before the stored ones is pushed with the server sorting it in."""
+    coll, commands = aux
+    part = max(batch(), key=lambda p: len(p.prv_candidates))
+    await archive.store_aux(coll, ZTF, [part], [], no_matches)
+    oid = part.alert["objectId"]
+    whole = await stored_documents(coll)
+    # the test alters the stored history: it drops one early point, as if an earlier alert
+    # had not carried it
+    (doc,) = await coll.find({"_id": oid}).to_list()
+    dropped = doc["prv_candidates"][1]
+    await coll.update_one(
+        {"_id": oid},
+        {"$set": {"prv_candidates": [p for p in doc["prv_candidates"] if p is not dropped]}},
+    )
+    commands.updates.clear()
+    await archive.store_aux(coll, ZTF, [part], [], no_matches)
+    (statement,) = commands.updates
+    assert statement["u"]["$push"]["prv_candidates"] == {
+        "$each": [dropped],
+        "$sort": {"jd": 1, "fid": 1},
+    }
+    assert await stored_documents(coll) == whole

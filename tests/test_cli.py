@@ -13,7 +13,7 @@ import yaml
 
 from kowalski.config import ROOT, ConfigError, build_config, deep_merge, env_overrides
 from kowalski.instance import LocalInstance, state_path, write_instance
-from kowalski.testing.process import free_port
+from kowalski.services.process import free_port
 
 from .conftest import DATA, KOWALSKI, clean_env, run, run_cli
 
@@ -80,7 +80,18 @@ def test_bad_config_is_one_clear_line(tmp_path: Path, yaml_text: str, message: s
 
 
 def test_cli_help_and_missing_docker() -> None:
-    for command in ("up", "down", "build", "test", "seed", "develop", "lint", "bench", "feed"):
+    for command in (
+        "up",
+        "down",
+        "build",
+        "test",
+        "seed",
+        "develop",
+        "lint",
+        "bench",
+        "feed",
+        "backfill",
+    ):
         result = run_cli(command, "--help", env=clean_env())
         assert result.returncode == 0 and "usage: kowalski.py" in result.stdout
     env = clean_env(PATH="/nonexistent")

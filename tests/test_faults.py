@@ -32,11 +32,11 @@ from ingester.decode import decode_packet
 from ingester.mongify import history_key
 from ingester.replay import replay
 from kowalski.config import ROOT, build_config
-from kowalski.testing.dask import local_cluster
+from kowalski.services.dask import local_cluster
+from kowalski.services.kafka import LocalKafka, cluster_id
+from kowalski.services.mongo import EmbeddedMongo
+from kowalski.services.process import free_port
 from kowalski.testing.filters import filter_document
-from kowalski.testing.kafka import LocalKafka, cluster_id
-from kowalski.testing.mongo import EmbeddedMongo
-from kowalski.testing.process import free_port
 
 from .conftest import OTHER_ALERTS, ZTF_ALERTS, found
 from .test_ingestion import FILTER, altered_packet, night_environ

@@ -69,7 +69,7 @@ async def test_filters_autosave_followup_and_handoff(
     ) -> None:
         handed.append((survey, alerts, passed))
 
-    pipeline = Pipeline(cfg, db, {"ZTF": load_models(cfg)}, handoff=handoff)
+    pipeline = Pipeline(cfg, db, {"ZTF": load_models(cfg, "ZTF")}, handoff=handoff)
     files = sorted((ZTF_ALERTS / "20200202").glob("*.avro"))
     report = await pipeline.process(
         SURVEYS["ZTF"], [Packet("t", 0, i, f.read_bytes()) for i, f in enumerate(files)]

@@ -25,8 +25,8 @@ from ingester.pipeline import Packet, Pipeline
 from ingester.replay import replay
 from kowalski.config import Config, build_config
 from kowalski.coords import coordinates_block
+from kowalski.services.dask import local_cluster
 from kowalski.surveys import SURVEYS as SURVEY_REGISTRY
-from kowalski.testing.dask import local_cluster
 from kowalski.testing.filters import filter_document
 
 from .conftest import DATA, OTHER_ALERTS, ZTF_ALERTS, found
@@ -273,8 +273,8 @@ def test_database_outage_is_retried_and_nothing_is_dropped(
     test_environ: dict[str, str], kafka_bootstrap: str, dask_client: Client, tmp_path: Path
 ) -> None:
     """The database goes away mid-stream and comes back: the batch waits/retries, then lands."""
-    from kowalski.testing.mongo import EmbeddedMongo
-    from kowalski.testing.process import free_port
+    from kowalski.services.mongo import EmbeddedMongo
+    from kowalski.services.process import free_port
 
     port = free_port()
     server = EmbeddedMongo(tmp_path / "db", port).start()
@@ -391,7 +391,7 @@ async def test_ml_failures_are_counted_and_scores_left_absent(
             "KOWALSKI__ml__ZTF__models__braai__onnx": "onnx/acai_h.d1_dnn_20201130.onnx",
         },
     )
-    models = load_models(cfg)
+    models = load_models(cfg, "ZTF")
     db = mongo[cfg.database.db]
     paths = sorted((ZTF_ALERTS / "20200202").glob("*.avro"))
     broken = int(paths[0].stem)

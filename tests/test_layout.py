@@ -1,5 +1,6 @@
-"""The package layout's import rule: the core (`kowalski/`, its testing helpers included) imports
-nothing above it; `api/` and `ingester/` import the core only, never each other or `ops/`."""
+"""The package layout's import rule: the core (`kowalski/`) imports nothing above it; `api/` and
+`ingester/` import the core only, never each other or `ops/`; and production code (everything but
+`tests/` and `bench/`) never imports the test helpers of `kowalski.testing`."""
 
 from __future__ import annotations
 
@@ -52,3 +53,50 @@ def test_checker_sees_every_import_form(tmp_path: Path) -> None:
         "def late() -> None:\n    from ops.local import run_local\n"
     )
     assert imported_packages(module) == {"api", "ingester", "ops"}
+
+
+PRODUCTION = ("kowalski", "api", "ingester", "ops")
+
+
+def imports_testing(path: Path) -> bool:
+    """Whether a module imports `kowalski.testing` (or a module of it), in any form."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        if any(
+            name == "kowalski.testing" or name.startswith("kowalski.testing.") for name in names
+        ):
+            return True
+    return False
+
+
+def test_production_code_never_imports_the_test_helpers() -> None:
+    found = [path for package in PRODUCTION for path in modules(package)]
+    found.append(ROOT / "kowalski.py")
+    testing = ROOT / "kowalski" / "testing"
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in found
+        if testing not in path.parents and imports_testing(path)
+    ]
+    assert offenders == []
+
+
+def test_testing_checker_sees_every_form(tmp_path: Path) -> None:
+    forms = [
+        "import kowalski.testing.stall",
+        "from kowalski.testing import stall",
+        "from kowalski import testing",
+        "from kowalski.testing.filters import filter_document",
+    ]
+    for form in forms:
+        module = tmp_path / "m.py"
+        module.write_text(f"def late() -> None:\n    {form}\n")
+        assert imports_testing(module), form
+    module.write_text("from kowalski.services.kafka import broker_ready\n")
+    assert not imports_testing(module)

@@ -23,7 +23,7 @@ from pymongo import MongoClient
 
 from kowalski.config import ROOT
 from kowalski.instance import LocalInstance, read_instance, state_path
-from kowalski.testing.process import free_port
+from kowalski.services.process import free_port
 
 from .conftest import DATA, KOWALSKI, clean_env, run, run_cli
 
@@ -114,6 +114,7 @@ def local(
             "kafka_controller_port": free_port(),
         },
         "dask": {"n_workers": 1, "dashboard_address": None},
+        "ingester": {"metrics_port": free_port()},
         # only the bundled night's topics (other tests produce to suffixed ones)
         "kafka": {"group": f"local-{port}", "topics": anchored},
     }
@@ -171,6 +172,25 @@ def test_up_local_ingests_the_bundled_night_and_serves_it(local: Local) -> None:
         }
 
     assert poll(counts, BUNDLED_NIGHT) == BUNDLED_NIGHT
+
+
+def test_status_shows_the_local_instance(local: Local) -> None:
+    """`./kowalski.py status` reads both endpoints `up --local` serves (the ingester's on its
+    metrics port, the API's readiness) and prints the live figures."""
+    archived = 0.0
+
+    def screen() -> str:
+        nonlocal archived
+        result = run(sys.executable, "kowalski.py", "status", env=local.env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        rows = [line.split() for line in result.stdout.splitlines() if line.startswith("ZTF ")]
+        archived = float(rows[0][3]) if rows else 0.0
+        return result.stdout
+
+    assert poll(lambda: (screen(), archived > 0)[1], True)
+    text = screen()
+    assert "API: ready" in text and "ingester: ready" in text, text
+    assert "Kafka lag:" in text and "dask workers alive: 1" in text, text
 
 
 def test_catalog_commands_use_the_local_instance(local: Local) -> None:

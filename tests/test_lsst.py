@@ -39,11 +39,11 @@ from ingester.mongify import merge_prv_candidates
 from ingester.replay import messages_of, topic_for
 from kowalski.config import Config, build_config
 from kowalski.coords import coordinates_block
+from kowalski.services.api import ApiServer
+from kowalski.services.dask import local_cluster
+from kowalski.services.process import free_port
 from kowalski.surveys import SURVEYS
-from kowalski.testing.api import ApiServer
-from kowalski.testing.dask import local_cluster
 from kowalski.testing.filters import filter_document
-from kowalski.testing.process import free_port
 
 from .conftest import DATA, ZTF_ALERTS
 

@@ -32,7 +32,7 @@ ORIGINAL_MODELS = Path(
 
 def check_backend(environ: dict[str, str]) -> None:
     cfg = build_config([], environ)
-    models = load_models(cfg)
+    models = load_models(cfg, "ZTF")
     assert [m.name for m in models] == list(COLUMNS)
     rows = list(csv.DictReader((DATA / "reference" / "ml_scores.csv").open()))
     alerts = [decode_packet((DATA / r["file"]).read_bytes())[0] for r in rows]
@@ -62,7 +62,7 @@ def test_tensorflow_backend_matches_reference() -> None:
 
 def test_a_broken_cutout_does_not_stop_the_batch() -> None:
     cfg = build_config([], {})
-    models = load_models(cfg)
+    models = load_models(cfg, "ZTF")
     alerts = [
         decode_packet(p.read_bytes())[0]
         for p in sorted((DATA / "ztf_alerts" / "20200202").glob("*.avro"))[:3]

@@ -388,3 +388,31 @@ def test_without_transactions_at_least_once_with_dedup_header(
     assert len(final) > len(expected)  # the batch produced before the kill came again
     unique = {p.headers[results.DEDUP_HEADER]: p.record["candid"] for p in final}
     assert sorted(unique.values()) == expected
+
+
+def test_a_commit_whose_answer_timed_out_is_retried_not_produced_again(
+    test_environ: dict[str, str],
+    kafka_bootstrap: str,
+    mongo_uri: str,
+    dask_client: Client,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """commit_transaction waits 1 ms for the broker's answer, so it times out while the broker
+    commits: the commit is retried (which returns success once the broker committed) and no
+    batch is produced a second time; every pass is read once with read_committed."""
+    from ingester import publisher
+
+    monkeypatch.setattr(publisher, "COMMIT_TIMEOUT_S", 0.001)
+    tag = uuid.uuid4().hex[:8]
+    env = results_env(test_environ, kafka_bootstrap, tag, KOWALSKI__ingester__batch_size="4")
+    cfg = build_config([], env)
+    db: Database[dict[str, Any]] = MongoClient(mongo_uri)[cfg.database.db]
+    db.filters.insert_one(filter_document(1, EVERYTHING, stream=True))
+    replay(kafka_bootstrap, ztf_packets(), suffix=f"_{tag}", progress=False)
+    ingester = Ingester(cfg, dask_client, kafka_bootstrap, ["ZTF"], group=f"g-{tag}")
+    ingester.run(until_idle=4.0)
+    assert ingester.publisher.commit_retries > 0  # the answers did time out
+    final = read_all(kafka_bootstrap, results.topic_for(cfg, 1, "ZTF"))
+    expected = passed_by_filter_runs(db, 1)
+    assert sorted(p.record["candid"] for p in final) == expected and len(expected) == 38
+    db.client.close()

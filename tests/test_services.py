@@ -12,9 +12,9 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from pymongo import AsyncMongoClient
 
 from kowalski.coords import cone_clause, coordinates_block
-from kowalski.testing import secantus
-from kowalski.testing.mongo import EmbeddedMongo, select_server
-from kowalski.testing.process import ServiceError, free_port
+from kowalski.services import secantus
+from kowalski.services.mongo import EmbeddedMongo, select_server
+from kowalski.services.process import ServiceError, free_port
 
 from .conftest import ztf_alert_files
 

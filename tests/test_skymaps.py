@@ -27,10 +27,20 @@ from cdshealpix import nested
 
 from kowalski.config import ROOT
 
-from .apiclient import Api, decoded_alerts, gunicorn_api, gunicorn_users, loads
+from .apiclient import Api, decoded_alerts, gunicorn_users, loads, served_api
 
-api = gunicorn_api  # the module's API server and user tokens (fixtures)
-users = gunicorn_users
+users = gunicorn_users  # the module's user tokens (fixture)
+# the in-test file server listens on 127.0.0.1, which sky map URLs may not point to by default
+LOOPBACK_ALLOWED = {"KOWALSKI__server__skymap_fetch_allow": "[127.0.0.0/8]"}
+
+
+@pytest.fixture(scope="module")
+def api(
+    test_environ: dict[str, str], mongo_uri: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Api]:
+    """The module's API server (gunicorn), allowed to fetch sky maps from this machine."""
+    yield from served_api({**test_environ, **LOOPBACK_ALLOWED}, mongo_uri, tmp_path_factory)
+
 
 SKYMAPS = ROOT / "data" / "skymaps"
 GRACEDB_URL = "https://gracedb.ligo.org/api/superevents/S230623ai/files/cwb.multiorder.fits,1"

@@ -22,9 +22,9 @@ from pymongo.database import Database
 from ingester.consumer import Ingester
 from ingester.decode import decode_packet
 from ingester.replay import replay
-from ingester.skyportal import FeedFactory, FeedSetup, FeedSetupError, resolve_setup
-from ingester.skyportal_delivery import DeliveryThread
-from ingester.skyportal_outbox import format_status, status
+from ingester.skyportal.delivery import DeliveryThread
+from ingester.skyportal.outbox import format_status, status
+from ingester.skyportal.stage import FeedFactory, FeedSetup, FeedSetupError, resolve_setup
 from kowalski.config import ROOT, Config
 from kowalski.testing.filters import filter_document
 
@@ -115,7 +115,7 @@ def ingest(
 def feed_ingester(cfg: Config, client: Client, kafka: str, setup: FeedSetup) -> Ingester:
     """An ingester of the test's consumer group that hands off to the SkyPortal feed."""
     return Ingester(
-        cfg, client, kafka, ["ZTF"], group=f"feed-{tag_of(cfg)}", handoff=FeedFactory(cfg, setup)
+        cfg, client, kafka, ["ZTF"], group=f"feed-{tag_of(cfg)}", handoff=FeedFactory(cfg)
     )
 
 
@@ -161,7 +161,11 @@ def test_setup_resolves_instrument_streams_and_names(
     cfg = feed_config(test_environ, kafka_bootstrap, skyportal.port)
     setup = asyncio.run(resolve_setup(cfg, ["ZTF"], [(10, 1), (20, 2)]))
     assert setup.surveys["ZTF"].instrument_id == 7
-    assert setup.surveys["ZTF"].streams == {0: 13, 1: 11, 2: 12, 3: 13}
+    assert setup.surveys["ZTF"].streams == {
+        "ZTF Public": 11,
+        "ZTF Public+Partnership": 12,
+        "ZTF Public+Partnership+Caltech": 13,
+    }
     assert setup.group_names == {10: "Program A", 20: "Program B"}
     assert setup.filter_names == {1: "bright", 2: "annotated"}
     headers = skyportal.requests[0].headers
@@ -169,28 +173,36 @@ def test_setup_resolves_instrument_streams_and_names(
     assert headers["User-Agent"].startswith("Kowalski v")
 
 
-def test_misconfigured_or_unreachable_skyportal_stops_with_one_line(
+def test_a_survey_skyportal_cannot_take_waits_with_one_line(
     test_environ: dict[str, str], kafka_bootstrap: str, skyportal: FakeSkyPortal
 ) -> None:
-    def error_of(cfg: Config) -> str:
-        with pytest.raises(FeedSetupError) as raised:
-            asyncio.run(resolve_setup(cfg, ["ZTF"], []))
-        assert "\n" not in str(raised.value)
-        return str(raised.value)
+    """No instrument, no stream, a refused token or SkyPortal down: the survey waits with a
+    one-line reason (retried by the delivery); only a missing token stops the ingester."""
+
+    def reason_of(cfg: Config) -> str:
+        setup = asyncio.run(resolve_setup(cfg, ["ZTF"], []))
+        assert not setup.surveys and "\n" not in setup.waiting["ZTF"]
+        return setup.waiting["ZTF"]
 
     cfg = feed_config(test_environ, kafka_bootstrap, skyportal.port)
     skyportal.state.streams = skyportal.state.streams[:2]
-    assert "streams are not all mapped" in error_of(cfg)
+    assert "has no stream for ZTF" in reason_of(cfg)
+    assert "'ZTF Public+Partnership+Caltech'" in reason_of(cfg)
     skyportal.state.instruments = []
-    assert "no instrument named ZTF" in error_of(cfg)
+    assert "no instrument named 'ZTF'" in reason_of(cfg)
     bad_token = cfg.model_copy(
         update={"skyportal": cfg.skyportal.model_copy(update={"token": "wrong"})}
     )
-    assert "rejected skyportal.token" in error_of(bad_token)
+    assert "rejected skyportal.token" in reason_of(bad_token)
     skyportal.stop()
-    assert "is not reachable" in error_of(cfg)
+    assert "is not reachable" in reason_of(cfg)
+    no_token = cfg.model_copy(
+        update={"skyportal": cfg.skyportal.model_copy(update={"token": None})}
+    )
+    with pytest.raises(FeedSetupError, match=r"skyportal\.token is not set"):
+        asyncio.run(resolve_setup(no_token, ["ZTF"], []))
 
-    # python -m ingester: one line on stderr, exit status 1
+    # python -m ingester with SkyPortal down runs (archiving goes on) and says who waits
     env = {
         **test_environ,
         "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
@@ -199,15 +211,28 @@ def test_misconfigured_or_unreachable_skyportal_stops_with_one_line(
         "SKYPORTAL_TOKEN": TOKEN,
     }
     run = subprocess.run(
-        [sys.executable, "-m", "ingester", "--until-idle", "1"],
+        [sys.executable, "-m", "ingester", "--survey", "ZTF", "--until-idle", "1"],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ZTF wait: SkyPortal at http://" in run.stderr and "is not reachable" in run.stderr
+    without = {k: v for k, v in env.items() if k != "SKYPORTAL_TOKEN"}
+    run = subprocess.run(
+        [sys.executable, "-m", "ingester", "--until-idle", "1"],
+        cwd=ROOT,
+        env=without,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert run.returncode == 1
-    assert run.stderr.strip().splitlines()[-1].startswith("error: SkyPortal at http://")
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: misc.broker is true but skyportal.token is not set (SKYPORTAL_TOKEN)"
+    )
 
 
 # ------------------------------------------------------------------------------ new candidate
@@ -312,7 +337,7 @@ async def hand_off_again(
     client = async_client(cfg)
     try:
         db = client[cfg.database.db]
-        await FeedFactory(cfg, setup)(db)(SURVEYS["ZTF"], [alert], passed)
+        await FeedFactory(cfg)(db)(SURVEYS["ZTF"], [alert], passed)
         return await db.skyportal_outbox.count_documents({})
     finally:
         await client.close()
@@ -506,7 +531,7 @@ async def hand_off_together(
 
     client = async_client(cfg)
     try:
-        stage = FeedFactory(cfg, setup)(client[cfg.database.db])
+        stage = FeedFactory(cfg)(client[cfg.database.db])
         await asyncio.gather(
             *(stage(SURVEYS["ZTF"], [a], p) for a, p in zip(alerts, passes, strict=True))
         )
@@ -573,7 +598,8 @@ def test_skyportal_down_through_replay_and_restart_then_back(
     passing = [a for a in alerts if (a["candidate"].get("drb") or 0) > 0.9]
     expected_objects = {a["objectId"] for a in passing}
     report = asyncio.run(status_of(cfg))
-    assert report["counts"]["candidate"]["pending"] == len(passing)
+    assert report["counts"]["ZTF candidate"]["pending"] == len(passing)
+    assert report["setup"] == []  # this delivery was handed a resolved set-up
     assert report["oldest_pending"] is not None
     assert db.skyportal_outbox.count_documents({"state": "pending", "attempts": {"$gt": 0}}) > 0
     assert "oldest pending:" in format_status(report)

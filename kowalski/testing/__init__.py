@@ -1,4 +1,3 @@
-"""Public testing helpers: start real servers (embedded MongoDB-compatible SecantusDB, a local Kafka
-broker, the API under gunicorn) on free ports, as `safir.testing` does for Safir apps.
-
-Used by the test suite, the bench and the `up --local` supervisor (`ops/local.py`)."""
+"""Helpers for tests only (as `safir.testing`): stored filter documents (`filters`) and a TCP relay
+that holds a server's replies (`stall`). Nothing outside `tests/` and `bench/` imports this package
+(checked by tests/test_layout.py); the local servers the tests start live in `kowalski.services`."""

@@ -3,11 +3,11 @@ put filters in place without going through the API."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
-Doc = dict[str, Any]
+from kowalski.documents import Doc
+from kowalski.stored_filters import new_filter, new_version
 
 
 def filter_document(
@@ -24,16 +24,15 @@ def filter_document(
     """An active filter with one version (`fid`, default `v<filter_id>`) running `pipeline`;
     `group_id` defaults to `100 + filter_id`; `options` set or override any other field
     (`autosave`, `auto_followup`, `update_annotations`, `stream`, ...)."""
-    version = fid or f"v{filter_id}"
-    return {
-        "filter_id": filter_id,
-        "group_id": 100 + filter_id if group_id is None else group_id,
-        "catalog": catalog,
-        "permissions": list(permissions),
-        "active": active,
-        "active_fid": version,
-        "fv": [{"fid": version, "pipeline": json.dumps(list(pipeline))}],
-        "autosave": False,
-        "auto_followup": {},
+    document: Doc = {
+        **new_filter(
+            filter_id,
+            100 + filter_id if group_id is None else group_id,
+            catalog,
+            permissions,
+            new_version(fid or f"v{filter_id}", pipeline),
+            active=active,
+        ),
         **options,
     }
+    return document

@@ -12,7 +12,6 @@ index) -> bulk upserts by `_id`.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
@@ -28,9 +27,9 @@ from tqdm import tqdm
 
 from kowalski.coords import deg_to_dms, deg_to_hms, geojson_point, parse_dec, parse_ra
 from kowalski.db import IndexKeys, create_index_sync
+from kowalski.documents import Doc, utcnow
 from kowalski.skycells import CELL_INDEX, CELL_INDEX_NAME, add_cells
 
-Doc = dict[str, Any]
 CHECKPOINTS = "catalog_ingestions"
 GEO_INDEX: IndexKeys = [("coordinates.radec_geojson", "2dsphere"), ("_id", 1)]
 EXAMPLES_KEPT = 5
@@ -187,7 +186,7 @@ def ingest_chunks(
             report.ingested += count
             checkpoints.update_one(
                 {"_id": checkpoint_id},
-                {"$set": {"rows_done": rows_done, "complete": False, "updated_at": _now()}},
+                {"$set": {"rows_done": rows_done, "complete": False, "updated_at": utcnow()}},
                 upsert=True,
             )
             if on_chunk:
@@ -224,17 +223,13 @@ def ingest_chunks(
             "$set": {
                 "rows_done": position,
                 "complete": True,
-                "updated_at": _now(),
+                "updated_at": utcnow(),
                 "report": report.summary(),
             }
         },
         upsert=True,
     )
     return report
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def frame_chunks(frame: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:

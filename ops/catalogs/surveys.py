@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 from pymongo.database import Database
 
+from kowalski.documents import Doc
 from ops.catalogs.ingest import Columns, Report, frame_chunks, ingest_chunks
 from ops.catalogs.readers import CHUNK_ROWS, ReadError, count_rows, read_chunks, table_to_frame
 
-Doc = dict[str, Any]
 ZTF_FILTERS = {"zg": 1, "zr": 2, "zi": 3}
 MATCHFILE = re.compile(r"ztf_(\d{6})_(z[gri])_c(\d{2})_q(\d)_match", re.IGNORECASE)
 PTF_MATCHFILE = re.compile(r"PTF_d(\d+)_f(\d+)_c(\d+)", re.IGNORECASE)

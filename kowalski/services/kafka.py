@@ -1,6 +1,6 @@
 """Local Apache Kafka (KRaft, single node: broker + controller) for development and tests.
 
-The broker jars come from Maven Central through `kowalski/testing/kafka-pom.xml` (pinned version), cached
+The broker jars come from Maven Central through `kowalski/services/kafka-pom.xml` (pinned version), cached
 under `var/kafka-libs/<version>/`; the broker runs on the machine's JDK. Point KAFKA_BOOTSTRAP_SERVERS
 at an existing broker to skip all of this.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kowalski.config import ROOT
-from kowalski.testing.process import (
+from kowalski.services.process import (
     ServiceError,
     ToolMissing,
     ensure_port_free,
@@ -223,3 +223,71 @@ class LocalKafka:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def create_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
+    """Create `topics` with `partitions` partitions each (one already there is left as it is)."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics([NewTopic(t, partitions) for t in topics]).values():
+        try:
+            future.result(60)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise ServiceError(f"creating a topic failed: {exc.args[0]}") from exc
+
+
+def produce_spread(bootstrap: str, by_topic: dict[str, list[bytes]], partitions: int) -> None:
+    """Produce each topic's messages dealt over its `partitions` partitions in turn (so every
+    partition gets alerts, which a keyless producer's sticky partitioner does not promise)."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 10_485_760})
+    for topic, messages in by_topic.items():
+        for n, message in enumerate(messages):
+            producer.produce(topic, message, partition=n % partitions)
+            producer.poll(0)
+    if producer.flush(60):
+        raise ServiceError("packets were not delivered to Kafka")
+
+
+def members_assigned(bootstrap: str, group: str, members: int) -> bool:
+    """The consumer group is stable with `members` members, each holding partitions."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        description = admin.describe_consumer_groups([group])[group].result(30)
+    except (KafkaException, TimeoutError):  # no coordinator yet, ...
+        return False
+    held = [m.assignment.topic_partitions for m in description.members if m.assignment]
+    return len(held) == members and all(held)
+
+
+def offsets_behind(bootstrap: str, group: str, topics: list[str]) -> list[str]:
+    """The partitions of `topics` whose offset committed by `group` is not at their end (a
+    partition without messages has no offset to commit and is never behind)."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        metadata = consumer.list_topics(timeout=30).topics
+        partitions = [
+            TopicPartition(t, p) for t in topics if t in metadata for p in metadata[t].partitions
+        ]
+        missing = [f"{t}: no such topic" for t in topics if t not in metadata]
+        committed = consumer.committed(partitions, timeout=30) if partitions else []
+        behind = []
+        for tp in committed:
+            end = consumer.get_watermark_offsets(tp, timeout=30)[1]
+            if end > 0 and tp.offset != end:
+                behind.append(f"{tp.topic}[{tp.partition}] at {tp.offset} of {end}")
+        return missing + behind
+    except KafkaException as exc:
+        return [f"offsets not read: {exc.args[0]}"]
+    finally:
+        consumer.close()

@@ -2,7 +2,7 @@
 
 Per batch the stage *decides* what to post (upstream `alert_sentinel_skyportal`, §4.7) and writes
 it to the outbox (`skyportal_outbox`, one bulk write) before the batch counts as done, so Kafka
-offsets are committed once the outbox holds the posts; `skyportal_delivery` sends them.
+offsets are committed once the outbox holds the posts; `ingester.skyportal.delivery` sends them.
 
 Per alert of an object new to the feed that passed >= 1 filter: the candidate (filter ids, score,
 passing alert id), annotations (filters with non-empty `annotations` output), the full light
@@ -15,8 +15,12 @@ was already sent to that stream (per-object `last_jd` per stream and origin: nev
 light curve again). What depends on SkyPortal's current state (the groups holding a source,
 existing annotations and follow-up requests) is looked up at delivery.
 
-Start-up (`resolve_setup`): instrument id per survey, stream ids per programid, group and filter
-names; a SkyPortal that is unreachable or misconfigured stops the ingester with one line.
+Set-up (`resolve_setup`, run and retried by the delivery thread): instrument id and stream ids per
+survey, group and filter names. Posts name their stream by label, so deciding never waits for
+SkyPortal: a survey SkyPortal cannot take yet (no instrument or stream, SkyPortal down or
+refusing) keeps its entries pending in the outbox while set-up is retried with backoff, and the
+other surveys, archiving, filters and the results stream go on. Only a missing token stops the
+ingester (one line).
 """
 
 from __future__ import annotations
@@ -36,98 +40,116 @@ from pymongo import UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from ingester.archive import insert_ignoring_duplicates
-from ingester.skyportal_client import Deferred, Rejected, SkyPortalClient, base_url
-from ingester.skyportal_outbox import (
+from ingester.mongify import history_key
+from ingester.skyportal.client import Deferred, Rejected, SkyPortalClient
+from ingester.skyportal.outbox import (
     PENDING,
     insert_entries,
     objects_name,
-    utcnow,
 )
-from ingester.skyportal_photometry import (
-    FEED_SURVEYS,
+from ingester.skyportal.photometry import (
     alert_points,
     forced_points,
     photometry_body,
     split_by_stream,
 )
 from kowalski.config import Config
+from kowalski.documents import Doc, utcnow
 from kowalski.surveys import SURVEYS, Survey
 
 log = logging.getLogger("kowalski.skyportal")
-Doc = dict[str, Any]
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%f"
 THUMBNAILS = (("new", "science"), ("ref", "template"), ("sub", "difference"))
 
 
 class FeedSetupError(Exception):
-    """SkyPortal cannot be fed: the message is the one line the ingester stops with."""
+    """SkyPortal cannot be fed at all: the message is the one line the ingester stops with."""
 
 
 @dataclass(frozen=True)
 class SurveySetup:
     instrument_id: int
-    streams: dict[int, int]  # programid (-1: every point) -> SkyPortal stream id
+    streams: dict[str, int]  # stream label (SkyPortalSpec.stream_ids) -> SkyPortal stream id
 
 
 @dataclass(frozen=True)
 class FeedSetup:
-    """What start-up learned from SkyPortal; travels to the dask workers."""
+    """What set-up learned from SkyPortal: the surveys that can be delivered, and why the others
+    wait (`waiting`: survey -> reason)."""
 
     surveys: dict[str, SurveySetup]
     group_names: dict[int, str] = field(default_factory=dict)
     filter_names: dict[int, str] = field(default_factory=dict)
+    waiting: dict[str, str] = field(default_factory=dict)
+
+
+def fed_surveys(surveys: Sequence[str]) -> list[str]:
+    """The surveys of `surveys` the registry says how to post (all of them today)."""
+    return [s for s in surveys if SURVEYS[s].skyportal is not None]
 
 
 # ---------------------------------------------------------------------------------- start-up
 
 
 async def resolve_setup(
-    cfg: Config, surveys: Sequence[str], filters: Sequence[tuple[int, int]]
+    cfg: Config, surveys: Sequence[str], filters: Sequence[tuple[int, int]] = ()
 ) -> FeedSetup:
-    """Instrument and streams per survey, names per (group_id, filter_id); FeedSetupError else."""
-    url = base_url(cfg)
+    """Instrument and streams per survey, names per (group_id, filter_id). A survey SkyPortal
+    cannot take (no instrument, no matching stream) or a SkyPortal that cannot be reached or
+    refuses the token waits (`FeedSetup.waiting`, with the reason); only a missing token is a
+    FeedSetupError (nothing could ever be delivered)."""
     if not cfg.skyportal.token:
         raise FeedSetupError("misc.broker is true but skyportal.token is not set (SKYPORTAL_TOKEN)")
     async with SkyPortalClient(cfg) as sp:
-        try:
-            return await _resolve(sp, surveys, filters)
-        except Rejected as exc:
-            raise FeedSetupError(f"SkyPortal at {url} refused the feed's set-up: {exc}") from None
-        except Deferred as exc:
-            if "HTTP 401" in str(exc):
-                raise FeedSetupError(
-                    f"SkyPortal at {url} rejected skyportal.token (HTTP 401)"
-                ) from None
-            raise FeedSetupError(f"SkyPortal at {url} is not reachable: {exc}") from None
+        return await resolve_with(sp, surveys, filters)
+
+
+async def resolve_with(
+    sp: SkyPortalClient, surveys: Sequence[str], filters: Sequence[tuple[int, int]] = ()
+) -> FeedSetup:
+    """`resolve_setup` on an open client; a SkyPortal that cannot be reached or refuses makes
+    every survey wait with that reason."""
+    try:
+        return await _resolve(sp, fed_surveys(surveys), filters)
+    except Rejected as exc:
+        reason = f"SkyPortal at {sp.url} refused the feed's set-up: {exc}"
+    except Deferred as exc:
+        reason = (
+            f"SkyPortal at {sp.url} rejected skyportal.token (HTTP 401)"
+            if "HTTP 401" in str(exc)
+            else f"SkyPortal at {sp.url} is not reachable: {exc}"
+        )
+    log.warning("SkyPortal feed: %s wait: %s", ", ".join(fed_surveys(surveys)), reason)
+    return FeedSetup({}, waiting=dict.fromkeys(fed_surveys(surveys), reason))
 
 
 async def _resolve(
     sp: SkyPortalClient, surveys: Sequence[str], filters: Sequence[tuple[int, int]]
 ) -> FeedSetup:
     streams = (await sp.request("GET", "/api/streams", retry=False)).data or []
-    setups = {}
+    setups: dict[str, SurveySetup] = {}
+    waiting: dict[str, str] = {}
     for name in surveys:
-        feed = FEED_SURVEYS[name]
+        spec = SURVEYS[name].skyportal
+        assert spec is not None
         found = (
             await sp.request(
-                "GET", "/api/instrument", params={"name": feed.instrument}, retry=False
+                "GET", "/api/instrument", params={"name": spec.instrument}, retry=False
             )
         ).data or []
+        ids = spec.stream_ids(streams)
+        missing = [label for label in spec.stream_labels() if label not in ids]
         if not found:
-            raise FeedSetupError(f"SkyPortal at {sp.url} has no instrument named {feed.instrument}")
-        ids = feed.stream_ids(streams)
-        missing = [p for p in feed.required_programids() if p not in ids]
-        if missing:
-            wanted = (
-                "a stream named with " + repr(feed.stream_token)
-                if feed.stream_token
-                else (f"streams for programids {missing}")
-            )
-            raise FeedSetupError(
-                f"SkyPortal at {sp.url}: {name} streams are not all mapped (need {wanted}; "
+            waiting[name] = f"SkyPortal at {sp.url} has no instrument named {spec.instrument!r}"
+        elif missing:
+            waiting[name] = (
+                f"SkyPortal at {sp.url} has no stream for {name} (wanted: {spec.stream_rule()}; "
                 f"found {sorted(str(s.get('name')) for s in streams)})"
             )
-        setups[name] = SurveySetup(int(found[0]["id"]), ids)
+        else:
+            setups[name] = SurveySetup(int(found[0]["id"]), ids)
+    for name, reason in waiting.items():
+        log.warning("SkyPortal feed: %s waits: %s", name, reason)
     group_names: dict[int, str] = {}
     filter_names: dict[int, str] = {}
     for group_id, filter_id in filters:
@@ -138,7 +160,7 @@ async def _resolve(
         group_names[group_id], names = group
         if filter_id in names:
             filter_names[filter_id] = names[filter_id]
-    return FeedSetup(setups, group_names, filter_names)
+    return FeedSetup(setups, group_names, filter_names, waiting)
 
 
 async def group_info(sp: SkyPortalClient, group_id: int) -> tuple[str, dict[int, str]] | None:
@@ -156,25 +178,14 @@ async def group_info(sp: SkyPortalClient, group_id: int) -> tuple[str, dict[int,
     return name, {int(f["id"]): str(f.get("name")) for f in data.get("filters", []) if "id" in f}
 
 
-def active_filter_ids(cfg: Config, surveys: Sequence[str]) -> list[tuple[int, int]]:
-    """(group_id, filter_id) of the active filters on the surveys' alert collections."""
-    from kowalski.db import sync_client
-
-    catalogs = [SURVEYS[s].alerts_collection(cfg) for s in surveys]
-    with sync_client(cfg) as client:
-        docs = client[cfg.database.db][cfg.database.collections["filters"]].find(
-            {"catalog": {"$in": catalogs}, "active": True}, {"group_id": 1, "filter_id": 1}
+def check_token_or_exit(cfg: Config) -> None:
+    """For `python -m ingester`: a broker without a token is a configuration error (one line)."""
+    if not cfg.skyportal.token:
+        print(
+            "error: misc.broker is true but skyportal.token is not set (SKYPORTAL_TOKEN)",
+            file=sys.stderr,
         )
-        return [(int(d["group_id"]), int(d["filter_id"])) for d in docs]
-
-
-def setup_or_exit(cfg: Config, surveys: Sequence[str]) -> FeedSetup:
-    """For `python -m ingester`: the setup, or exit with its one-line reason."""
-    try:
-        return asyncio.run(resolve_setup(cfg, surveys, active_filter_ids(cfg, surveys)))
-    except FeedSetupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(1)
 
 
 # ------------------------------------------------------------------------------- the stage
@@ -182,13 +193,14 @@ def setup_or_exit(cfg: Config, surveys: Sequence[str]) -> FeedSetup:
 
 @dataclass(frozen=True)
 class FeedFactory:
-    """Picklable: builds each worker thread's stage around its own database client."""
+    """Picklable: builds each worker thread's stage around its own database client. The stage
+    decides posts from the registry alone (streams by label), so it runs for every survey even
+    while SkyPortal is unreachable; delivery fills in SkyPortal's ids once set up."""
 
     cfg: Config
-    setup: FeedSetup
 
     def __call__(self, db: AsyncDatabase[Doc]) -> FeedStage:
-        return FeedStage(self.cfg, db, self.setup)
+        return FeedStage(self.cfg, db)
 
 
 @dataclass
@@ -203,15 +215,14 @@ class ObjectState:
 class FeedStage:
     """The hand-off callable: `await stage(survey, alerts, passed)` per batch."""
 
-    def __init__(self, cfg: Config, db: AsyncDatabase[Doc], setup: FeedSetup) -> None:
+    def __init__(self, cfg: Config, db: AsyncDatabase[Doc]) -> None:
         self.cfg = cfg
         self.db = db
-        self.setup = setup
 
     async def __call__(
         self, survey: Survey, alerts: list[Doc], passed: dict[int, list[Doc]]
     ) -> None:
-        if not self.cfg.misc.broker or survey.name not in self.setup.surveys:
+        if not self.cfg.misc.broker or survey.skyportal is None:
             return
         by_object: dict[str, list[Doc]] = defaultdict(list)
         for alert in sorted(alerts, key=lambda a: (a["candidate"]["jd"], a["candid"])):
@@ -232,7 +243,8 @@ class FeedStage:
             for obj in wanted
             if states[obj].first_candid in {a["candid"] for a in by_object[obj]}
         ]
-        history = await self._history(survey, wanted, new_objects)
+        ids = {str(a[survey.object_key]): a[survey.object_key] for a in alerts}
+        history = await self._history(survey, {o: ids[o] for o in wanted}, new_objects)
         now = utcnow()
         entries: list[Doc] = []
         updates = []
@@ -293,15 +305,17 @@ class FeedStage:
         return await self._states(survey, list(fresh))
 
     async def _history(
-        self, survey: Survey, objects: list[str], new_objects: list[str]
+        self, survey: Survey, objects: dict[str, Any], new_objects: list[str]
     ) -> dict[str, list[Doc]]:
-        """Photometry points per object: aux history, stored forced photometry and, for objects
-        new to the feed, the candidates of every stored alert not already in the history."""
-        feed = FEED_SURVEYS[survey.name]
+        """Photometry points per object (`objects`: feed id -> the id as stored, an integer for
+        Rubin): aux history, stored forced photometry and, for objects new to the feed, the
+        candidates of every stored alert not already in the history."""
+        spec = survey.skyportal
+        assert spec is not None
         aux = {
-            d["_id"]: d
+            str(d["_id"]): d
             for d in await self.db[survey.aux_collection(self.cfg)]
-            .find({"_id": {"$in": objects}}, {"prv_candidates": 1, "fp_hists": 1})
+            .find({"_id": {"$in": list(objects.values())}}, {"prv_candidates": 1, "fp_hists": 1})
             .to_list()
         }
         stored: dict[str, list[Doc]] = defaultdict(list)
@@ -309,7 +323,7 @@ class FeedStage:
             docs = (
                 await self.db[survey.alerts_collection(self.cfg)]
                 .find(
-                    {survey.object_key: {"$in": new_objects}},
+                    {survey.object_key: {"$in": [objects[o] for o in new_objects]}},
                     {survey.object_key: 1, "candidate": 1},
                 )
                 .to_list()
@@ -319,11 +333,13 @@ class FeedStage:
         out = {}
         for obj in objects:
             prv = list(aux.get(obj, {}).get("prv_candidates", []))
-            have = {(p.get("jd"), p.get("fid")) for p in prv}
-            prv.extend(c for c in stored.get(obj, []) if (c.get("jd"), c.get("fid")) not in have)
+            have = {history_key(p, survey.history_key) for p in prv}
+            prv.extend(
+                c for c in stored.get(obj, []) if history_key(c, survey.history_key) not in have
+            )
             out[obj] = [
-                *alert_points(feed, prv),
-                *forced_points(feed, aux.get(obj, {}).get("fp_hists", [])),
+                *alert_points(spec, prv),
+                *forced_points(spec, aux.get(obj, {}).get("fp_hists", [])),
             ]
         return out
 
@@ -337,8 +353,8 @@ class FeedStage:
         state: ObjectState,
         now: dt.datetime,
     ) -> list[Doc]:
-        setup = self.setup.surveys[survey.name]
-        streams = split_by_stream(points, setup.streams)
+        assert survey.skyportal is not None
+        streams = split_by_stream(points, survey.skyportal)
         out: list[Doc] = []
         candids = [a["candid"] for a in alerts]
         # alerts before the one that made the object a candidate wait for it; that one is "new"
@@ -355,8 +371,8 @@ class FeedStage:
             for key, items in streams.items():
                 fresh = [p for p in items if p["jd"] > state.last_jd.get(key, float("-inf"))]
                 if fresh:
-                    body = photometry_body(obj, setup.instrument_id, key, fresh)
-                    posts.append(("photometry", key, body, {}))
+                    body = photometry_body(obj, fresh)
+                    posts.append(("photometry", key, body, {"first_jd": fresh[0]["jd"]}))
                     state.last_jd[key] = fresh[-1]["jd"]
             if filters and new:
                 posts.extend(
@@ -572,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m ingester.skyportal status`: pending/failed outbox entries per kind."""
     import argparse
 
-    from ingester.skyportal_outbox import format_status, status
+    from ingester.skyportal.outbox import format_status, status
     from kowalski.config import load_config_or_exit
     from kowalski.db import async_client
 

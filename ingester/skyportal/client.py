@@ -19,12 +19,12 @@ from typing import Any
 import aiohttp
 
 from kowalski.config import ROOT, Config
+from kowalski.retry import backoff
 
 log = logging.getLogger("kowalski.skyportal")
 RETRY_STATUSES = frozenset({405, 429, 500, 502, 503, 504})
 # methods that may be sent again after an answer was lost (a POST may have landed: not again)
 REPEATABLE = frozenset({"GET", "HEAD", "PUT", "DELETE"})
-Doc = dict[str, Any]
 
 
 class Deferred(Exception):
@@ -110,7 +110,7 @@ class SkyPortalClient:
         reason = ""
         for attempt in range(attempts):
             if attempt:
-                await asyncio.sleep(sp.backoff_s * 2 ** (attempt - 1))
+                await asyncio.sleep(backoff(attempt, sp.backoff_s))
             try:
                 answer = await self._once(method, path, body, params, timeout or sp.timeout_s)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:

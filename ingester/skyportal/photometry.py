@@ -6,60 +6,29 @@ Forced points (ZTF fp_hists, procstatus 0): flux/fluxerr from forcediffimflux(un
 magzpsci, flux None when SNR <= 3 or missing; `origin` "alert_fp". One PUT body per SkyPortal
 stream and origin.
 
-Per survey (§4.9): the SkyPortal instrument name, the filter names, and which streams points go
-to (ZTF: by programid; the others: the one stream whose name contains the survey's token).
+Flux surveys (Rubin/LSST, DECam; `SkyPortalSpec.flux_zp`): psfFlux/psfFluxErr in nJy are posted
+as they are at zp 31.4 AB, for alert points and forced points alike (a forced point with SNR <= 3
+as a non-detection: flux None, its error kept).
+
+Per survey (the registry's `SkyPortalSpec`): the SkyPortal instrument name, the filter names, and
+which stream each point goes to (ZTF: by programid; the others: the one stream matching the
+survey's rule). Entries name streams by label; ids are filled in at delivery.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
-from kowalski.surveys import SURVEYS
+from kowalski.documents import Doc
+from kowalski.surveys import SkyPortalSpec
 
-Doc = dict[str, Any]
 ZP_AB = 23.9
 MJD_OFFSET = 2400000.5
 POSITIVE = (True, 1, "1", "y", "Y", "t", "T")
 FORCED_ORIGIN = "alert_fp"
-ZTF_STREAMS = {  # SkyPortal stream name -> the ZTF programids it carries (upstream mapping)
-    "ZTF Public": (1,),
-    "ZTF Public+Partnership": (2,),
-    "ZTF Public+Partnership+Caltech": (0, 3),
-}
-ZTF_PROGRAMIDS = (0, 1, 2, 3)
-
-
-@dataclass(frozen=True)
-class FeedSurvey:
-    """What differs between surveys when posting to SkyPortal."""
-
-    instrument: str  # instrument name on SkyPortal
-    filter_of: Callable[[Any], str | None]  # fid -> SkyPortal filter name (None: drop the point)
-    stream_token: str | None = None  # non-ZTF: a stream whose name contains this token
-
-    def stream_ids(self, streams: Iterable[Doc]) -> dict[int, int]:
-        """{programid: stream id} from `GET /api/streams`; programid -1 means "every point"."""
-        by_name = {str(s.get("name")): int(s["id"]) for s in streams if "id" in s}
-        if self.stream_token is None:
-            return {pid: sid for name, sid in by_name.items() for pid in ZTF_STREAMS.get(name, ())}
-        token = self.stream_token.lower()
-        found = [sid for name, sid in by_name.items() if token in name.lower()]
-        return {-1: found[0]} if found else {}
-
-    def required_programids(self) -> tuple[int, ...]:
-        return ZTF_PROGRAMIDS if self.stream_token is None else (-1,)
-
-
-FEED_SURVEYS: dict[str, FeedSurvey] = {
-    survey.name: FeedSurvey(
-        survey.skyportal.instrument, survey.skyportal.filter_of, survey.skyportal.stream_token
-    )
-    for survey in SURVEYS.values()
-    if survey.skyportal is not None
-}
+SNR_DETECTED = 3.0  # forced points at or below this SNR are posted as non-detections
 
 
 def _number(value: Any) -> float | None:
@@ -68,12 +37,33 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(value) or math.isinf(value) else float(value)
 
 
-def alert_points(survey: FeedSurvey, detections: Iterable[Doc]) -> list[Doc]:
+def flux_points(spec: SkyPortalSpec, points: Iterable[Doc], origin: str | None) -> list[Doc]:
+    """Points carrying nJy fluxes (Rubin/LSST, DECam), posted at the survey's zero point;
+    deduplicated on (jd, filter)."""
+    zp = float(spec.flux_zp or 0.0)
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for p in points:
+        jd, band = _number(p.get("jd")), spec.filter_of(p.get(spec.band_key))
+        flux, err = _number(p.get("psfFlux")), _number(p.get("psfFluxErr"))
+        if jd is None or band is None or err is None or err <= 0 or (jd, band) in seen:
+            continue
+        seen.add((jd, band))
+        if origin is not None and flux is not None and flux / err <= SNR_DETECTED:
+            flux = None
+        ra, dec = (None, None) if origin else (_number(p.get("ra")), _number(p.get("dec")))
+        out.append(_point(p, jd, flux, err, zp, band, origin, ra, dec))
+    return out
+
+
+def alert_points(spec: SkyPortalSpec, detections: Iterable[Doc]) -> list[Doc]:
     """Candidates and prv_candidates as photometry points (deduplicated on mjd, mag, filter)."""
+    if spec.flux_zp is not None:
+        return flux_points(spec, detections, None)
     seen: set[tuple[Any, ...]] = set()
     out = []
     for p in detections:
-        jd, band = _number(p.get("jd")), survey.filter_of(p.get("fid"))
+        jd, band = _number(p.get("jd")), spec.filter_of(p.get(spec.band_key))
         limit = _number(p.get("diffmaglim"))
         if jd is None or band is None or (limit is not None and limit <= 0):
             continue
@@ -106,14 +96,16 @@ def alert_points(survey: FeedSurvey, detections: Iterable[Doc]) -> list[Doc]:
     return out
 
 
-def forced_points(survey: FeedSurvey, fp_hists: Iterable[Doc]) -> list[Doc]:
+def forced_points(spec: SkyPortalSpec, fp_hists: Iterable[Doc]) -> list[Doc]:
     """Stored forced photometry (procstatus 0, diffmaglim > 0) as points of origin alert_fp."""
+    if spec.flux_zp is not None:
+        return flux_points(spec, fp_hists, FORCED_ORIGIN)
     seen: set[tuple[Any, ...]] = set()
     out = []
     for p in fp_hists:
         jd, band, zp = (
             _number(p.get("jd")),
-            survey.filter_of(p.get("fid")),
+            spec.filter_of(p.get(spec.band_key)),
             _number(p.get("magzpsci")),
         )
         limit = _number(p.get("diffmaglim"))
@@ -125,7 +117,7 @@ def forced_points(survey: FeedSurvey, fp_hists: Iterable[Doc]) -> list[Doc]:
         if flux is None or unc is None or unc <= 0:
             point_flux, fluxerr = None, 10 ** (-0.4 * (limit - zp)) / 5
         else:
-            point_flux, fluxerr = (flux if flux / unc > 3 else None), unc
+            point_flux, fluxerr = (flux if flux / unc > SNR_DETECTED else None), unc
         key = (jd, band, point_flux)
         if key in seen:
             continue
@@ -160,31 +152,35 @@ def _point(
     }
 
 
-def stream_key(stream_id: int, origin: str | None) -> str:
-    """The per-object state key of what was sent to a stream from an origin."""
-    return f"{stream_id}:{origin or 'alert'}"
+def stream_key(label: str, origin: str | None) -> str:
+    """The per-object state key of what was sent to a stream (by label) from an origin."""
+    return f"{label}:{origin or 'alert'}"
 
 
-def split_by_stream(points: Iterable[Doc], streams: dict[int, int]) -> dict[str, list[Doc]]:
+def split_by_stream(points: Iterable[Doc], spec: SkyPortalSpec) -> dict[str, list[Doc]]:
     """{stream_key: points in jd order}; a point of a programid with no stream is dropped."""
     out: dict[str, list[Doc]] = {}
     for point in points:
-        sid = streams.get(-1, streams.get(point.get("programid")))  # type: ignore[arg-type]
-        if sid is None:
+        label = spec.stream_of(point.get("programid"))
+        if label is None:
             continue
-        out.setdefault(stream_key(sid, point["origin"]), []).append(point)
+        out.setdefault(stream_key(label, point["origin"]), []).append(point)
     for items in out.values():
         items.sort(key=lambda p: p["jd"])
     return out
 
 
+def stream_label(key: str) -> str:
+    return key.rsplit(":", 1)[0]
+
+
 COLUMNS = ("mjd", "flux", "fluxerr", "zp", "magsys", "filter", "ra", "dec", "origin")
 
 
-def photometry_body(obj_id: str, instrument_id: int, key: str, points: list[Doc]) -> Doc:
-    """`PUT /api/photometry` body (columns as lists) for the points of one stream and origin."""
-    stream_id = int(key.split(":", 1)[0])
-    body: Doc = {"obj_id": obj_id, "stream_ids": [stream_id], "instrument_id": instrument_id}
+def photometry_body(obj_id: str, points: list[Doc]) -> Doc:
+    """`PUT /api/photometry` body (columns as lists) for the points of one stream and origin;
+    `instrument_id` and `stream_ids` are filled in at delivery (`with_ids`)."""
+    body: Doc = {"obj_id": obj_id}
     for column in COLUMNS:
         body[column] = [p[column] for p in points]
     return body
@@ -195,3 +191,7 @@ def photometry_params(key: str) -> dict[str, str]:
     if key.endswith(f":{FORCED_ORIGIN}"):
         return {"duplicate_ignore_flux": "true", "overwrite_flux": "true"}
     return {}
+
+
+def with_ids(body: Doc, instrument_id: int, stream_id: int) -> Doc:
+    return {**body, "instrument_id": instrument_id, "stream_ids": [stream_id]}

@@ -22,23 +22,21 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from ingester.archive import insert_ignoring_duplicates
 from kowalski.config import Config
+from kowalski.documents import Doc, utcnow
 
-Doc = dict[str, Any]
-OUTBOX = "skyportal_outbox"
-OBJECTS = "skyportal_objects"
 PENDING, DONE, FAILED = "pending", "done", "failed"
 
 
 def outbox_name(cfg: Config) -> str:
-    return cfg.database.collections.get(OUTBOX, OUTBOX)
+    return cfg.database.collection("skyportal_outbox")
 
 
 def objects_name(cfg: Config) -> str:
-    return cfg.database.collections.get(OBJECTS, OBJECTS)
+    return cfg.database.collection("skyportal_objects")
 
 
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+def setup_name(cfg: Config) -> str:
+    return cfg.database.collection("skyportal_setup")
 
 
 async def ensure_indexes(db: AsyncDatabase[Doc], cfg: Config) -> None:
@@ -56,35 +54,62 @@ async def insert_entries(db: AsyncDatabase[Doc], cfg: Config, entries: Sequence[
     return await insert_ignoring_duplicates(db[outbox_name(cfg)], entries)
 
 
+async def save_setup_states(
+    db: AsyncDatabase[Doc], cfg: Config, setup: Any, next_check: dt.datetime
+) -> None:
+    """One document per survey of a `FeedSetup`: ready, or waiting (reason, next check)."""
+    now = utcnow()
+    states = [
+        ({"state": "ready", "reason": None, "next_check_at": None}, name) for name in setup.surveys
+    ] + [
+        ({"state": "waiting", "reason": reason, "next_check_at": next_check}, name)
+        for name, reason in setup.waiting.items()
+    ]
+    for fields, name in states:
+        await db[setup_name(cfg)].update_one(
+            {"_id": name}, {"$set": {**fields, "checked_at": now}}, upsert=True
+        )
+
+
 async def status(db: AsyncDatabase[Doc], cfg: Config) -> Doc:
-    """Pending/failed/done counts per kind and the oldest pending entry."""
+    """Pending/failed/done counts per survey and kind, the surveys' set-up states and the oldest
+    pending entry."""
     outbox = db[outbox_name(cfg)]
     counts: dict[str, dict[str, int]] = {}
-    groups = await outbox.aggregate(
-        [{"$group": {"_id": {"kind": "$kind", "state": "$state"}, "n": {"$sum": 1}}}]
-    )
+    key = {"survey": "$survey", "kind": "$kind", "state": "$state"}
+    groups = await outbox.aggregate([{"$group": {"_id": key, "n": {"$sum": 1}}}])
     for doc in await groups.to_list():
-        kind, state = str(doc["_id"].get("kind")), str(doc["_id"].get("state"))
+        kind = f"{doc['_id'].get('survey')} {doc['_id'].get('kind')}"
+        state = str(doc["_id"].get("state"))
         counts.setdefault(kind, {PENDING: 0, FAILED: 0, DONE: 0})[state] = int(doc["n"])
+    setups = await db[setup_name(cfg)].find({}).sort("_id", ASCENDING).to_list()
     oldest = await outbox.find_one(
         {"state": PENDING},
         {"body": 0},
         sort=[("created_at", ASCENDING)],
     )
-    return {"counts": counts, "oldest_pending": oldest}
+    return {"counts": counts, "oldest_pending": oldest, "setup": setups}
 
 
 def format_status(report: Doc) -> str:
-    lines = [f"{'kind':<12} {'pending':>8} {'failed':>8} {'done':>8}"]
+    lines = []
+    for state in report.get("setup", []):
+        if state.get("state") == "ready":
+            lines.append(f"{state['_id']}: ready")
+        else:
+            when = state.get("next_check_at")
+            at = f"; next try {when:%Y-%m-%d %H:%M:%S} UTC" if when else ""
+            lines.append(f"{state['_id']}: WAITING: {state.get('reason')}{at}")
+    lines.append(f"{'survey kind':<20} {'pending':>8} {'failed':>8} {'done':>8}")
     for kind, c in sorted(report["counts"].items()):
-        lines.append(f"{kind:<12} {c[PENDING]:>8} {c[FAILED]:>8} {c[DONE]:>8}")
-    if len(lines) == 1:
+        lines.append(f"{kind:<20} {c[PENDING]:>8} {c[FAILED]:>8} {c[DONE]:>8}")
+    if not report["counts"]:
         lines.append("(the outbox is empty)")
     else:
         totals = [
             sum(c[state] for c in report["counts"].values()) for state in (PENDING, FAILED, DONE)
         ]
-        lines.append(f"{'total':<12} {totals[0]:>8} {totals[1]:>8} {totals[2]:>8}")
+        lines.append(f"{'total':<20} {totals[0]:>8} {totals[1]:>8} {totals[2]:>8}")
     oldest = report["oldest_pending"]
     if oldest:
         lines.append(

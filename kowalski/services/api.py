@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kowalski.config import ROOT, Config
-from kowalski.testing.process import ensure_port_free, start_process, stop_process, wait_until
+from kowalski.metrics import MULTIPROCESS_ENV
+from kowalski.services.process import ensure_port_free, start_process, stop_process, wait_until
 
 
 def gunicorn_command(cfg: Config, host: str, port: int, workers: int | None = None) -> list[str]:
+    """The gunicorn command line; its workers share their metrics through a directory of their
+    own (prometheus-client's multiprocess mode), so `/metrics` sums every worker's."""
+    metrics_dir = tempfile.mkdtemp(prefix=f"kowalski-api-metrics-{port}-")
     return [
         sys.executable,
         "-m",
         "gunicorn",
+        "--env",
+        f"{MULTIPROCESS_ENV}={metrics_dir}",
         "--workers",
         str(workers or cfg.server.processes),
         "--bind",

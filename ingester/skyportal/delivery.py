@@ -24,21 +24,31 @@ import contextlib
 import datetime as dt
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
-from ingester.skyportal import FeedSetup, autosave_body, group_info
-from ingester.skyportal_client import Answer, Deferred, Rejected, SkyPortalClient
-from ingester.skyportal_outbox import DONE, FAILED, PENDING, ensure_indexes, outbox_name, utcnow
-from ingester.skyportal_photometry import photometry_params
+from ingester.skyportal.client import Answer, Deferred, Rejected, SkyPortalClient
+from ingester.skyportal.outbox import (
+    DONE,
+    FAILED,
+    PENDING,
+    ensure_indexes,
+    objects_name,
+    outbox_name,
+    save_setup_states,
+)
+from ingester.skyportal.photometry import photometry_params, stream_label, with_ids
+from ingester.skyportal.stage import FeedSetup, autosave_body, fed_surveys, group_info, resolve_with
+from kowalski import metrics
 from kowalski.config import Config
+from kowalski.documents import Doc, utcnow
+from kowalski.retry import backoff
 
 log = logging.getLogger("kowalski.skyportal")
-Doc = dict[str, Any]
 STOP_GRACE_SECONDS = 30.0  # on stop, deliveries in flight get this long to finish
 CALLS_PER_ENTRY = 4  # the most calls one entry makes before its next progress record
 FOLLOWUP_STATUSES = ("complete", "submitted", "deleted", "failed")
@@ -67,6 +77,8 @@ class Delivery:
 
     def __post_init__(self) -> None:
         self.outbox = self.db[outbox_name(self.cfg)]
+        self.setup_attempts = 0  # set-up rounds with some survey still waiting
+        self.next_setup = 0.0  # loop time of the next set-up attempt for waiting surveys
         self.groups: dict[int, tuple[str, dict[int, str]]] = {}
         self.active: set[str] = set()
         self.slots = asyncio.Semaphore(self.cfg.skyportal.max_connections)
@@ -84,9 +96,33 @@ class Delivery:
     def stop(self) -> None:
         self._stop.set()
 
+    async def set_up(self) -> None:
+        """Resolve the surveys still waiting (all of them at start), at most once per backoff
+        (doubling up to skyportal.max_backoff_s while some keep waiting); record the states."""
+        loop = asyncio.get_running_loop()
+        if not self.setup.waiting or loop.time() < self.next_setup:
+            return
+        found = await resolve_with(self.sp, list(self.setup.waiting))
+        self.setup = FeedSetup(
+            {**self.setup.surveys, **found.surveys},
+            {**self.setup.group_names, **found.group_names},
+            {**self.setup.filter_names, **found.filter_names},
+            found.waiting,
+        )
+        for name in found.surveys:
+            log.info("SkyPortal feed: %s set up; its waiting entries are delivered now", name)
+        self.setup_attempts += 1
+        sp = self.cfg.skyportal
+        delay = backoff(self.setup_attempts, sp.backoff_s, sp.max_backoff_s)
+        self.next_setup = loop.time() + delay
+        await save_setup_states(
+            self.db, self.cfg, self.setup, utcnow() + dt.timedelta(seconds=delay)
+        )
+
     async def run(self) -> DeliveryReport:
         await ensure_indexes(self.db, self.cfg)
         while not self._stop.is_set():
+            await self.set_up()
             started = await self.round()
             if not started:
                 with contextlib.suppress(TimeoutError):
@@ -112,8 +148,14 @@ class Delivery:
         """Start a delivery task for every object whose head entry is due; how many started."""
         now = utcnow()
         heads: dict[str, Doc] = {}
+        if not self.setup.surveys:
+            return 0
         cursor = self.outbox.find(
-            {"state": PENDING, "next_attempt_at": {"$lte": now}},
+            {
+                "state": PENDING,
+                "next_attempt_at": {"$lte": now},
+                "survey": {"$in": sorted(self.setup.surveys)},
+            },
             {"obj_id": 1, "seq": 1, "next_attempt_at": 1, "lease_until": 1},
             sort=[("obj_id", ASCENDING), ("seq", ASCENDING), ("_id", ASCENDING)],
             limit=20000,
@@ -138,6 +180,7 @@ class Delivery:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
+            await self.set_up()
             started = await self.round()
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=max(0.0, deadline - loop.time()))
@@ -164,9 +207,11 @@ class Delivery:
         if _later(head.get("lease_until"), now):
             return None
         lease = now + dt.timedelta(seconds=self.lease_seconds())
+        # the attempt counts as started before anything is sent: a crash after a write leaves
+        # `started` above the attempts finished, and the next attempt looks before writing
         claimed = await self.outbox.update_one(
             {"_id": head["_id"], "state": PENDING, "lease_until": head.get("lease_until")},
-            {"$set": {"lease_until": lease}},
+            {"$set": {"lease_until": lease}, "$inc": {"started": 1}},
         )
         return head if claimed.modified_count == 1 else None
 
@@ -183,15 +228,17 @@ class Delivery:
             await self._finish(
                 entry, {"state": FAILED, "attempts": attempts, "last_error": str(exc)}
             )
+            if entry["kind"] == "photometry":
+                await self._unsend(entry)
             self.report.failed += 1
+            metrics.SKYPORTAL_DELIVERIES.labels("refused").inc()
             log.error("SkyPortal refused %s: %s", entry["_id"], exc)
             return True
         except Exception as exc:  # Deferred, or anything unexpected: kept, retried, visible
             if not isinstance(exc, Deferred):
                 log.exception("SkyPortal: delivering %s failed", entry["_id"])
-            delay = min(
-                self.cfg.skyportal.max_backoff_s, self.cfg.skyportal.backoff_s * 2**attempts
-            )
+            sp = self.cfg.skyportal
+            delay = backoff(attempts + 1, sp.backoff_s, sp.max_backoff_s)
             await self._finish(
                 entry,
                 {
@@ -206,6 +253,7 @@ class Delivery:
                 {"$max": {"next_attempt_at": utcnow() + dt.timedelta(seconds=delay)}},
             )
             self.report.deferred += 1
+            metrics.SKYPORTAL_DELIVERIES.labels("retried").inc()
             log.warning("SkyPortal: %s deferred (attempt %d): %s", entry["_id"], attempts, exc)
             return False
         except asyncio.CancelledError:  # shutting down: release the lease at once
@@ -215,11 +263,23 @@ class Delivery:
             entry, {"state": DONE, "attempts": attempts, "done_at": utcnow(), "result": result}
         )
         self.report.delivered += 1
+        metrics.SKYPORTAL_DELIVERIES.labels("delivered").inc()
         return True
 
     async def _finish(self, entry: Doc, changes: Doc) -> None:
         await self.outbox.update_one(
             {"_id": entry["_id"]}, {"$set": {**changes, "lease_until": None}}
+        )
+
+    async def _unsend(self, entry: Doc) -> None:
+        """Refused photometry was not sent: the object's sent-up-to mark for that stream goes
+        back before its first point, so the object's next alert posts those points again."""
+        if "first_jd" not in entry:
+            return
+        before = float(entry["first_jd"]) - 1e-6
+        await self.db[objects_name(self.cfg)].update_one(
+            {"_id": f"{entry['survey']}:{entry['obj_id']}"},
+            {"$min": {f"last_jd.{entry['key']}": before}},
         )
 
     async def _done_before(self, entry: Doc) -> bool:
@@ -249,10 +309,14 @@ class Delivery:
         return send
 
     async def _photometry(self, entry: Doc) -> Doc | None:
+        setup = self.setup.surveys[entry["survey"]]
+        stream_id = setup.streams.get(stream_label(entry["key"]))
+        if stream_id is None:
+            raise Rejected(0, f"no SkyPortal stream for {entry['key']!r}")
         await self.sp.request(
             "PUT",
             "/api/photometry",
-            entry["body"],
+            with_ids(entry["body"], setup.instrument_id, stream_id),
             params=photometry_params(entry["key"]) or None,
             timeout=self.cfg.skyportal.photometry_timeout_s,
         )
@@ -277,7 +341,7 @@ class Delivery:
         path = f"/api/sources/{obj}/annotations"
         if (
             entry.get("mode") == "post"
-            and not entry.get("attempts")
+            and not _retried(entry)
             and not await self._done_before(entry)
         ):
             await self.sp.request("POST", path, body)
@@ -302,11 +366,8 @@ class Delivery:
         if "saved" not in progress:
             # a known object, a retry (an earlier attempt's POST may have landed), or an object
             # saved by another entry already: look first
-            if (
-                entry.get("mode") == "known"
-                or entry.get("attempts")
-                or await self._done_before(entry)
-            ):
+            holding: set[Any] = set()
+            if entry.get("mode") == "known" or _retried(entry) or await self._done_before(entry):
                 is_source = await self.sp.request("HEAD", f"/api/sources/{obj}")
                 if is_source.status == 200:
                     held = (await self.sp.request("GET", f"/api/sources/{obj}/groups")).data or []
@@ -316,7 +377,9 @@ class Delivery:
             if groups:
                 answer = await self.sp.request("POST", "/api/sources", autosave_body(obj, groups))
                 saved = _saved_groups(answer, [g["group_id"] for g in groups])
-            await self._progress(entry, "saved", saved)
+            if _retried(entry):  # an earlier attempt may have saved to these: comments owed
+                saved += [g["group_id"] for g in entry["groups"] if g["group_id"] in holding]
+            await self._progress(entry, "saved", sorted(set(saved)))
             progress = entry["progress"]
         saved_to = set(progress["saved"])
         commented = set(progress.get("commented", []))
@@ -325,7 +388,7 @@ class Delivery:
             if gid not in saved_to or gid in commented or group.get("comment") is None:
                 continue
             text = {"text": group["comment"], "group_ids": [gid]}
-            await self.sp.request("POST", f"/api/sources/{obj}/comments", text)
+            await self._comment(entry, text)
             commented.add(gid)
             await self._progress(entry, "commented", sorted(commented))
         return {"saved_to": sorted(saved_to)}
@@ -358,6 +421,10 @@ class Delivery:
             await self._progress(entry, "created", True)
             await self._followup_comment(entry, request)
             return {"action": "created"}
+        if _retried(entry) and request.get("comment") is not None:
+            # an earlier attempt may have created the request and died before recording it:
+            # its comment may still be owed (looked up before it is written)
+            await self._followup_comment(entry, request)
         if not request.get("implements_update", True):
             return {"action": "exists"}
         current = matches[0]
@@ -394,8 +461,35 @@ class Delivery:
             return
         groups = sorted({request["group_id"], *request["data"].get("target_group_ids", [])})
         body = {"text": request["comment"], "group_ids": groups}
-        await self.sp.request("POST", f"/api/sources/{entry['obj_id']}/comments", body)
+        await self._comment(entry, body)
         await self._progress(entry, "commented", True)
+
+    async def _comment(self, entry: Doc, body: Doc) -> None:
+        """POST a comment; on a retry (an earlier attempt may have posted it and died, or lost
+        the answer) only if the source has no comment with the same text and groups."""
+        path = f"/api/sources/{entry['obj_id']}/comments"
+        if _retried(entry):
+            existing = (await self.sp.request("GET", path)).data or []
+            wanted = (body["text"], sorted(body["group_ids"]))
+            for comment in existing if isinstance(existing, list) else []:
+                groups = comment.get("group_ids") or [
+                    g.get("id") for g in comment.get("groups", [])
+                ]
+                if (comment.get("text"), sorted(groups)) == wanted:
+                    return
+        await self.sp.request("POST", path, body)
+
+
+def waiting_for_setup(surveys: Sequence[str]) -> FeedSetup:
+    """The set-up before SkyPortal was asked: every fed survey waits (the delivery resolves them
+    on its first round)."""
+    return FeedSetup({}, waiting=dict.fromkeys(fed_surveys(surveys), "not set up yet"))
+
+
+def _retried(entry: Doc) -> bool:
+    """Whether an earlier attempt at this entry started (it may have written before it died or
+    lost the answer): then every write looks first."""
+    return int(entry.get("started", 0)) > 0 or int(entry.get("attempts", 0)) > 0
 
 
 def _later(value: Any, now: dt.datetime) -> bool:

@@ -1,7 +1,7 @@
 """Embedded MongoDB-compatible server for development and tests.
 
 Runs SecantusDB as a separate process, never imported (GPL-2.0-only): `secantusd-rs` when built
-(see kowalski/testing/secantus.py), else `secantusd-py` (PyPI `secantusdb`). Production uses a
+(see kowalski/services/secantus.py), else `secantusd-py` (PyPI `secantusdb`). Production uses a
 real `mongod`: set MONGODB_URI (or `database.uri`) and nothing here runs.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
-from kowalski.testing import secantus
-from kowalski.testing.process import (
+from kowalski.services import secantus
+from kowalski.services.process import (
     ServiceError,
     ensure_port_free,
     start_process,
