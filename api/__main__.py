@@ -7,7 +7,7 @@ import os
 import sys
 
 from kowalski.config import ConfigError, check_secrets, load_config_or_exit
-from kowalski.services.api import gunicorn_command
+from kowalski.services.api import gunicorn_command, metrics_directory
 
 
 def main() -> None:
@@ -17,7 +17,10 @@ def main() -> None:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    cmd = gunicorn_command(cfg, cfg.server.host, cfg.server.port)
+    # gunicorn replaces this process, so the directory lasts as long as the server
+    cmd = gunicorn_command(
+        cfg, cfg.server.host, cfg.server.port, metrics_directory(cfg.server.port)
+    )
     os.execv(cmd[0], cmd)
 
 

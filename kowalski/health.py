@@ -31,9 +31,19 @@ class Unhealthy(Exception):
     """The probe's one-line reason."""
 
 
+def local_host(host: str) -> str:
+    """The address a process on this host reaches a server bound to `host` at (a wildcard bind
+    address is reached on the loopback)."""
+    return "127.0.0.1" if host in WILDCARD_HOSTS else host
+
+
 def api_url(cfg: Config) -> str:
-    host = "127.0.0.1" if cfg.server.host in WILDCARD_HOSTS else cfg.server.host
-    return f"http://{host}:{cfg.server.port}/healthz"
+    return f"http://{local_host(cfg.server.host)}:{cfg.server.port}/healthz"
+
+
+def ingester_url(cfg: Config) -> str:
+    """The ingester's own endpoint (`/metrics`, `/healthz`, `/readyz`), without a path."""
+    return f"http://{local_host(cfg.ingester.metrics_host)}:{cfg.ingester.metrics_port}"
 
 
 def probe_api(cfg: Config) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kowalski.config import ROOT, Config, load_config, local_api_env
 from kowalski.db import mongo_uri
+from kowalski.health import ingester_url
 from kowalski.instance import LocalInstance, read_instance, remove_instance, write_instance
 from kowalski.services.api import ApiServer, answers
 from kowalski.services.kafka import LocalKafka, broker_ready
@@ -30,6 +31,8 @@ from kowalski.services.process import (
     wait_until,
 )
 from kowalski.surveys import SURVEYS, bundled_packets
+
+INGESTER_START_S = 180.0
 
 
 def var_dir(cfg: Config) -> Path:
@@ -85,6 +88,20 @@ def _detach(replay: bool) -> int:
         f"running in the background (pid {proc.pid}); logs: {log}; stop with ./kowalski.py down --local"
     )
     return 0
+
+
+def wait_for_ingester(cfg: Config, ingester: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the ingester's endpoint answers `/healthz` (its dask cluster is up and its consumer
+    made), so that `status` right after `up` finds it. An ingester that exits meanwhile is an
+    error; an endpoint that never answers (its port taken, or `ingester.metrics_port: 0`) is said
+    in one line and is not fatal: the endpoint is optional."""
+    url = f"{ingester_url(cfg)}/healthz"
+    if cfg.ingester.metrics_port and wait_until(
+        lambda: answers(url), ingester, INGESTER_START_S, "the ingester", log, required=False
+    ):
+        say(f"ingester running (endpoint {ingester_url(cfg)}, logs: {log})")
+    else:
+        say(f"ingester running, its endpoint {url} does not answer (logs: {log})")
 
 
 def run_local(replay: bool = True, detach: bool = False) -> int:
@@ -153,7 +170,7 @@ def run_local(replay: bool = True, detach: bool = False) -> int:
             args = [sys.executable, "-m", "ingester"] + [f"--survey={s}" for s in SURVEYS]
             ingester = start_process(args, logs / "ingester.log", cwd=ROOT, env=env)
             stack.append(ingester)
-            say(f"ingester running (logs: {logs / 'ingester.log'})")
+            wait_for_ingester(cfg, ingester, logs / "ingester.log")
             if replay:
                 from ingester.replay import replay as replay_alerts
 

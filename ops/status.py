@@ -1,6 +1,6 @@
 """`./kowalski.py status`: one screen for a running instance, from its endpoints: the API's and the
 ingester's readiness, and from the ingester's `/metrics`: per survey the rate over the last minute,
-alerts consumed, archived and dead-lettered, filter passes and failures; the Kafka lag; the
+alerts consumed, archived, skipped as duplicates and dead-lettered, filter passes and failures; the Kafka lag; the
 SkyPortal outbox; the results stream; the dask workers."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from kowalski.config import Config
-from kowalski.health import WILDCARD_HOSTS
+from kowalski.health import ingester_url, local_host
 
 TIMEOUT_S = 5.0
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -57,13 +57,9 @@ def readiness(name: str, url: str) -> str:
     return f"{name}: NOT READY ({url}: HTTP {status}: {detail})"
 
 
-def local_host(host: str) -> str:
-    return "127.0.0.1" if host in WILDCARD_HOSTS else host
-
-
 def report(cfg: Config) -> str:
     api = f"http://{local_host(cfg.server.host)}:{cfg.server.port}"
-    ingester = f"http://{local_host(cfg.ingester.metrics_host)}:{cfg.ingester.metrics_port}"
+    ingester = ingester_url(cfg)
     lines = [readiness("API", f"{api}/readyz"), readiness("ingester", f"{ingester}/readyz")]
     status, text = fetch(f"{ingester}/metrics")
     if status != 200:
@@ -74,6 +70,7 @@ def report(cfg: Config) -> str:
         "alerts/s (1 min)": "kowalski_alerts_per_second",
         "consumed": "kowalski_alerts_consumed_total",
         "archived": "kowalski_alerts_archived_total",
+        "duplicates": "kowalski_alerts_duplicate_total",
         "dead-lettered": "kowalski_alerts_dead_lettered_total",
         "passes": "kowalski_filter_passes_total",
         "filter failures": "kowalski_filter_failures_total",

@@ -176,21 +176,28 @@ def test_up_local_ingests_the_bundled_night_and_serves_it(local: Local) -> None:
 
 def test_status_shows_the_local_instance(local: Local) -> None:
     """`./kowalski.py status` reads both endpoints `up --local` serves (the ingester's on its
-    metrics port, the API's readiness) and prints the live figures."""
-    archived = 0.0
+    metrics port, the API's readiness) and prints the live figures. `up` returns once the
+    ingester's endpoint answers, so the first `status` after it already reaches the ingester; the
+    figures then move as the replayed alerts are ingested."""
+    first = run(sys.executable, "kowalski.py", "status", env=local.env)
+    assert "ingester: NOT ANSWERING" not in first.stdout, first.stdout + first.stderr
+    assert "API: ready" in first.stdout, first.stdout + first.stderr
 
-    def screen() -> str:
-        nonlocal archived
+    def screen() -> tuple[int, str, float]:
         result = run(sys.executable, "kowalski.py", "status", env=local.env)
-        assert result.returncode == 0, result.stdout + result.stderr
         rows = [line.split() for line in result.stdout.splitlines() if line.startswith("ZTF ")]
-        archived = float(rows[0][3]) if rows else 0.0
-        return result.stdout
+        return result.returncode, result.stdout + result.stderr, float(rows[0][3]) if rows else 0.0
 
-    assert poll(lambda: (screen(), archived > 0)[1], True)
-    text = screen()
+    code, text, archived = screen()
+    deadline = time.monotonic() + 240
+    while (code != 0 or archived == 0) and time.monotonic() < deadline:
+        time.sleep(1)
+        code, text, archived = screen()
+    assert code == 0 and archived > 0, text
     assert "API: ready" in text and "ingester: ready" in text, text
     assert "Kafka lag:" in text and "dask workers alive: 1" in text, text
+    header = next(line for line in text.splitlines() if line.startswith("survey"))
+    assert "duplicates" in header, text
 
 
 def test_catalog_commands_use_the_local_instance(local: Local) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,10 +16,16 @@ from kowalski.metrics import MULTIPROCESS_ENV
 from kowalski.services.process import ensure_port_free, start_process, stop_process, wait_until
 
 
-def gunicorn_command(cfg: Config, host: str, port: int, workers: int | None = None) -> list[str]:
-    """The gunicorn command line; its workers share their metrics through a directory of their
-    own (prometheus-client's multiprocess mode), so `/metrics` sums every worker's."""
-    metrics_dir = tempfile.mkdtemp(prefix=f"kowalski-api-metrics-{port}-")
+def metrics_directory(port: int) -> Path:
+    """A new, empty directory for one API server's metrics (its owner removes it)."""
+    return Path(tempfile.mkdtemp(prefix=f"kowalski-api-metrics-{port}-"))
+
+
+def gunicorn_command(
+    cfg: Config, host: str, port: int, metrics_dir: Path, workers: int | None = None
+) -> list[str]:
+    """The gunicorn command line; its workers share their metrics through `metrics_dir`
+    (prometheus-client's multiprocess mode), so `/metrics` sums every worker's."""
     return [
         sys.executable,
         "-m",
@@ -60,6 +67,7 @@ class ApiServer:
     host: str = "127.0.0.1"
     workers: int | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    metrics_dir: Path | None = field(default=None, init=False)
 
     @property
     def url(self) -> str:
@@ -69,17 +77,26 @@ class ApiServer:
         ensure_port_free(
             self.host, self.port, "the API", "stop what holds it or change server.port"
         )
-        cmd = gunicorn_command(self.cfg, self.host, self.port, self.workers)
-        self.process = start_process(cmd, self.log_file, cwd=ROOT, env=self.env)
-        wait_until(
-            lambda: answers(self.url + "/docs/api/openapi.json"),
-            self.process,
-            timeout,
-            "the API",
-            self.log_file,
-        )
+        self.metrics_dir = metrics_directory(self.port)
+        cmd = gunicorn_command(self.cfg, self.host, self.port, self.metrics_dir, self.workers)
+        try:
+            self.process = start_process(cmd, self.log_file, cwd=ROOT, env=self.env)
+            wait_until(
+                lambda: answers(self.url + "/docs/api/openapi.json"),
+                self.process,
+                timeout,
+                "the API",
+                self.log_file,
+            )
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
+        """Stops the server and removes its metrics directory."""
         stop_process(self.process)
         self.process = None
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir = None

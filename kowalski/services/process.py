@@ -50,8 +50,11 @@ def wait_until(
     timeout: float,
     what: str,
     log: Path,
-) -> None:
-    """Poll `ready` until true; fail fast with the log tail if the process dies or time runs out."""
+    required: bool = True,
+) -> bool:
+    """Poll `ready` until true; fail fast with the log tail if the process dies. When time runs
+    out, a `required` service is stopped and an error; otherwise False is returned and the process
+    keeps running."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -59,8 +62,10 @@ def wait_until(
                 f"{what} exited with code {proc.returncode} while starting: {tail(log)}"
             )
         if ready():
-            return
+            return True
         time.sleep(0.2)
+    if not required:
+        return False
     stop_process(proc)
     raise ServiceError(f"{what} did not become ready within {timeout:.0f} s: {tail(log)}")
 
