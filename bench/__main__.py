@@ -40,7 +40,11 @@ from kowalski.connectivity import one_line_errors, require_database
 from kowalski.surveys import SURVEYS
 
 Doc = dict[str, Any]
-NIGHT_ALERTS, REPEAT = 2000, 3
+REPEAT = 3
+# per survey: (alerts in the night, the first N one at a time, the first N upstream's way), so that
+# a default run of both nights takes ~20 min on 2 cores. Upstream's way costs ~0.7 s per alert and
+# its alerts/s is flat over a night, so its first 60 alerts give a stable ratio.
+NIGHT_DEFAULTS = {"ztf": (2000, 100, 60), "lsst": (500, 50, 10)}
 SCALING_NIGHT_ALERTS, SCALING_REPEAT = 400, 1  # a few minutes on a 2-core machine
 BATCHED, SINGLE, UPSTREAM = "batched", "one_at_a_time", "upstream_way"
 UPSTREAM_RATIO = f"{BATCHED} / {UPSTREAM}"
@@ -89,21 +93,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--night",
         type=int,
         default=None,
-        help=f"alerts in the night (default {NIGHT_ALERTS}; --ingesters: {SCALING_NIGHT_ALERTS})",
+        help="alerts in the night (default: ZTF "
+        f"{NIGHT_DEFAULTS['ztf'][0]}, LSST {NIGHT_DEFAULTS['lsst'][0]}; --ingesters: "
+        f"{SCALING_NIGHT_ALERTS})",
     )
     parser.add_argument("--batch-size", type=int, default=256, help="ingester batch size")
     parser.add_argument(
         "--single",
         type=int,
-        default=250,
+        default=None,
         help="the night's first N alerts run one at a time too (0: skip that mode; the ratio "
-        "compares alerts/s)",
+        f"compares alerts/s; default: ZTF {NIGHT_DEFAULTS['ztf'][1]}, LSST "
+        f"{NIGHT_DEFAULTS['lsst'][1]})",
     )
     parser.add_argument(
         "--upstream",
         type=int,
-        default=250,
-        help="the night's first N alerts run upstream's way too (bench/upstream.py; 0: skip)",
+        default=None,
+        help="the night's first N alerts run upstream's way too (bench/upstream.py; 0: skip; "
+        f"default: ZTF {NIGHT_DEFAULTS['ztf'][2]}, LSST {NIGHT_DEFAULTS['lsst'][2]})",
     )
     parser.add_argument(
         "--repeat",
@@ -171,8 +179,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="JSON results")
     args = parser.parse_args(argv)
     scaling = args.ingesters > 0
+    night, single, upstream = NIGHT_DEFAULTS[args.survey]
     if args.night is None:
-        args.night = SCALING_NIGHT_ALERTS if scaling else NIGHT_ALERTS
+        args.night = SCALING_NIGHT_ALERTS if scaling else night
+    args.single = single if args.single is None else args.single
+    args.upstream = upstream if args.upstream is None else args.upstream
     if args.repeat is None:
         args.repeat = SCALING_REPEAT if scaling else REPEAT
     return args

@@ -7,9 +7,13 @@
   the rest are the real packet's. Objects have 1-3 alerts in the night.
 - History: a fraction of the objects already have an `_alerts_aux` document from an earlier night
   (their history 30 days older, cross-matched then), as on a real night.
-- Catalogs: SYNTHETIC (kowalski/catalogs/synthetic.py), one per configured ZTF cross-match catalog,
-  `catalog_rows` rows each: uniform background around the night's fields plus a counterpart
-  within 1" of half the objects, so cross-matches find something.
+- Catalogs: SYNTHETIC (kowalski/catalogs/synthetic.py), one per configured cross-match catalog of
+  the night's survey: uniform background around the night's fields plus a counterpart within 1"
+  of half the objects, so cross-matches find something. The background is `catalog_rows` rows,
+  except for catalogs searched with wide cones, which get their real sky density
+  (`REAL_DENSITY`): 20,000 rows around a few fields would put hundreds of galaxies in each 300"
+  CLU cone, where the real CLU has a handful, and every match is stored in the history document
+  the filters read back.
 - Filters: 25 active filters in the shapes users write (thresholds on drb/magpsf/ML scores,
   `$project` annotations, history and cross-match conditions); the upstream stages (`$lookup` of
   the history, permissions) are prepended by the pipeline as for every filter.
@@ -51,6 +55,9 @@ HISTORY_AGE_DAYS = 30.0
 ALERTS_PER_OBJECT = (1, 2, 3)
 ALERTS_PER_OBJECT_WEIGHTS = (0.6, 0.3, 0.1)
 FILTER_COUNT = 25
+# sources per square degree of the real catalogs searched with wide cones: CLU (Cook et al. 2019)
+# holds ~272,000 galaxies over the sky's 41,253 deg²
+REAL_DENSITY = {"CLU_20190625": 272_000 / 41_253}
 
 
 @dataclass(frozen=True)
@@ -213,8 +220,9 @@ def build_night(spec: NightSpec) -> Night:
 # --- catalogs ---------------------------------------------------------------------------------
 
 
-def catalog_frame(night_: Night, index: int) -> pd.DataFrame:
-    """SYNTHETIC rows: background around each real field plus counterparts of half the objects."""
+def catalog_frame(night_: Night, index: int, name: str = "") -> pd.DataFrame:
+    """SYNTHETIC rows: background around each real field (`REAL_DENSITY` for the catalog `name`
+    where it has one) plus counterparts of half the objects."""
     spec, objects = night_.spec, night_.objects
     rng = np.random.default_rng(spec.seed * 1000 + index)
     centers = [night_.fields[b] for b in sorted({o.base for o in objects})]
@@ -222,7 +230,7 @@ def catalog_frame(night_: Night, index: int) -> pd.DataFrame:
     background_rows = max(spec.catalog_rows - len(counterparts), 0)
     radius = spec.jitter_deg + 0.01
     cap_sqdeg = 2 * math.pi * (1 - math.cos(math.radians(radius))) * (180 / math.pi) ** 2
-    density = background_rows / max(len(centers), 1) / cap_sqdeg
+    density = REAL_DENSITY.get(name, background_rows / max(len(centers), 1) / cap_sqdeg)
     frames = [
         generate(density, center=center, radius_deg=radius, seed=int(rng.integers(1_000_000_000)))
         for center in centers
@@ -254,7 +262,7 @@ def load_catalogs(cfg: Config, night_: Night) -> dict[str, int]:
         db = client[cfg.database.db]
         for index, catalog in enumerate(cfg.database.xmatch.get(night_.survey, {})):
             db.drop_collection(catalog)
-            frame = catalog_frame(night_, index)
+            frame = catalog_frame(night_, index, catalog)
             ingest_chunks(
                 db,
                 catalog,
