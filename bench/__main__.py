@@ -31,7 +31,7 @@ from bench.backfill import backfill_line, run_backfill
 from bench.dashboard import Sampler, render
 from bench.micro import run_micro
 from bench.night import run_mode, write_night
-from bench.nightdata import ZTF, Night, reset_archive
+from bench.nightdata import REAL_DENSITY, ZTF, Night, reset_archive
 from bench.prepared import cell, describe, fmt, prepared, spread
 from bench.profile import run_profile
 from bench.scaling import scaling_bench, scaling_table
@@ -365,13 +365,23 @@ def mode_title(label: str, mode: Doc) -> str:
 CELL = 30
 
 
+def catalogs_line(rows: dict[str, int]) -> str:
+    """The night's SYNTHETIC catalogs: how many, their rows, and those at real sky density."""
+    real = {name: n for name, n in rows.items() if name in REAL_DENSITY}
+    others = [n for name, n in rows.items() if name not in REAL_DENSITY]
+    line = f"{len(rows)} SYNTHETIC catalogs x {max(others, default=0):,} rows"
+    if real:
+        line += " (" + ", ".join(f"{name} {n:,} at real density" for name, n in real.items()) + ")"
+    return line
+
+
 def table(results: Doc) -> str:
     night, modes = results["night"], results["modes"]
     labels = list(modes)
     lines = [
         f"{night['survey']} night: {night['alerts']} alerts of {night['objects']} objects "
-        f"({night['objects_with_history']} with history), {len(night['synthetic_catalogs'])} "
-        f"SYNTHETIC catalogs x {max(night['synthetic_catalogs'].values(), default=0):,} rows, "
+        f"({night['objects_with_history']} with history), "
+        f"{catalogs_line(night['synthetic_catalogs'])}, "
         f"{night['filters']} filters; database: {results['machine']['database']}, "
         f"{results['machine']['cpus']} CPUs; median (min-max) of {results['repeat']} runs",
         "",
