@@ -81,23 +81,35 @@ def windowed(
 
 
 def rates(samples: list[tuple[float, dict[str, float]]], name: str, by: str) -> Series:
-    """Per-second increase of counter `name` over the last WINDOW_S, per value of label `by`."""
+    """Per-second increase of counter `name` over the last WINDOW_S, summed per value of label
+    `by` (as `sum by (by) (rate(...))`)."""
     out: Series = defaultdict(list)
     for t0, t1, a, b in windowed(samples):
+        per: dict[str, float] = defaultdict(float)
         for key, value in _select(b, name).items():
-            out[_labels(key).get(by, "")].append((t1, (value - a.get(key, 0.0)) / (t1 - t0)))
+            per[_labels(key).get(by, "")] += (value - a.get(key, 0.0)) / (t1 - t0)
+        for label, rate in per.items():
+            out[label].append((t1, rate))
     return dict(out)
 
 
-def means(samples: list[tuple[float, dict[str, float]]], name: str, by: str) -> Series:
-    """Mean of histogram `name` over the last WINDOW_S (Δsum / Δcount), per value of `by`."""
+def means(
+    samples: list[tuple[float, dict[str, float]]], name: str, by: str, **labels: str
+) -> Series:
+    """Mean of histogram `name` (its samples with `labels`) over the last WINDOW_S (Δsum /
+    Δcount), per value of `by`."""
     out: Series = defaultdict(list)
     for _, t1, a, b in windowed(samples):
-        for key, total in _select(b, f"{name}_sum").items():
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, float] = defaultdict(float)
+        for key, total in _select(b, f"{name}_sum", **labels).items():
             count_key = key.replace(f"{name}_sum", f"{name}_count")
-            done = b.get(count_key, 0.0) - a.get(count_key, 0.0)
+            label = _labels(key).get(by, "")
+            sums[label] += total - a.get(key, 0.0)
+            counts[label] += b.get(count_key, 0.0) - a.get(count_key, 0.0)
+        for label, done in counts.items():
             if done > 0:
-                out[_labels(key).get(by, "")].append((t1, (total - a.get(key, 0.0)) / done))
+                out[label].append((t1, sums[label] / done))
     return dict(out)
 
 
@@ -132,7 +144,7 @@ def render(samples: list[tuple[float, dict[str, float]]], out: Path, title: str)
         ("Stage time per batch (mean)", means(samples, "kowalski_stage_seconds", "stage"), "s"),
         (
             "End-to-end latency per alert (mean); Rubin's 60 s",
-            means(samples, "kowalski_alert_latency_seconds", "survey"),
+            means(samples, "kowalski_alert_latency_seconds", "survey", point="done"),
             "s",
         ),
         (

@@ -38,7 +38,7 @@ Doc = dict[str, Any]
 
 def process_upstream(runtime: str, survey: str, packets: list[Packet]) -> BatchReport:
     """The dask task (`Ingester.task`): the batch's alerts one at a time, upstream's way."""
-    loop, pipeline = _RUNTIMES[(get_worker().address, runtime)].pipeline()
+    loop, pipeline, _ = _RUNTIMES[(get_worker().address, runtime)].pipeline()
     return loop.run_until_complete(process_alerts(pipeline, SURVEYS[survey], packets))
 
 

@@ -36,6 +36,7 @@ from ingester.publisher import Publisher, left_group
 from ingester.results import prepare_outbox
 from kowalski import metrics
 from kowalski.config import Config
+from kowalski.monitoring import CommandCounter
 from kowalski.retry import backoff
 from kowalski.surveys import SURVEYS, survey_for_topic
 
@@ -74,16 +75,19 @@ class WorkerRuntime:
         self._local = threading.local()
         self._states: list[tuple[asyncio.AbstractEventLoop, Any]] = []
 
-    def pipeline(self) -> tuple[asyncio.AbstractEventLoop, Pipeline]:
+    def pipeline(self) -> tuple[asyncio.AbstractEventLoop, Pipeline, CommandCounter]:
+        """This thread's loop, pipeline and its client's command counter (a thread runs one
+        batch at a time, so the counter's commands are the batch's)."""
         state = getattr(self._local, "state", None)
         if state is None:
             from kowalski.db import async_client
 
             loop = asyncio.new_event_loop()
-            client = async_client(self.cfg)
+            commands = CommandCounter(measure_bytes=False)
+            client = async_client(self.cfg, event_listeners=[commands])
             db = client[self.cfg.database.db]
             handoff = self.handoff(db) if self.handoff else no_handoff
-            state = (loop, Pipeline(self.cfg, db, self.models, handoff=handoff))
+            state = (loop, Pipeline(self.cfg, db, self.models, handoff=handoff), commands)
             self._local.state = state
             self._states.append((loop, client))
         return state
@@ -102,8 +106,11 @@ class WorkerRuntime:
             _finish_loop(loop)
 
     def run(self, survey: str, packets: list[Packet]) -> BatchReport:
-        loop, pipeline = self.pipeline()
-        return loop.run_until_complete(pipeline.process(SURVEYS[survey], packets))
+        loop, pipeline, commands = self.pipeline()
+        commands.take()  # what a failed earlier batch left is not this batch's
+        report = loop.run_until_complete(pipeline.process(SURVEYS[survey], packets))
+        report.commands = commands.take()
+        return report
 
 
 class IngesterPlugin(WorkerPlugin):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,6 +206,13 @@ class FilterResults:
     passed: dict[int, list[Doc]] = field(default_factory=dict)  # candid -> passed filter entries
     failures: int = 0  # (filter, alert) pairs recorded failed
     retries: int = 0  # failed attempts that were retried (smaller or later)
+    failures_by_filter: dict[int, int] = field(default_factory=dict)  # filter_id -> failures
+
+    def passes_by_filter(self) -> dict[int, int]:
+        """filter_id -> the batch's alerts that passed it."""
+        return dict(
+            Counter(int(e["filter_id"]) for entries in self.passed.values() for e in entries)
+        )
 
 
 async def _attempt(
@@ -346,6 +353,9 @@ async def run_filters(
         runs.extend(_run_records(template, outcome, batch, skip))
         results.failures += len(outcome.failed)
         results.retries += outcome.retries
+        if outcome.failed:
+            failures = results.failures_by_filter
+            failures[template.filter_id] = failures.get(template.filter_id, 0) + len(outcome.failed)
         for candid in outcome.passed:
             passed_by_candid[candid].append(pass_entry(template, outcome, candid))
     if runs:

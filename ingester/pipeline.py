@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import get_type_hints
+from typing import TypeVar, get_type_hints
 
 from bson import Binary
 from pymongo.asynchronous.database import AsyncDatabase
@@ -76,6 +76,13 @@ class BatchReport:
     xmatch_failures: int = 0
     ml_failures: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # per filter_id: (filter, alert) passes and failures
+    passes_by_filter: dict[int, int] = field(default_factory=dict)
+    failures_by_filter: dict[int, int] = field(default_factory=dict)
+    # database commands (round trips) the batch sent, by command name
+    commands: dict[str, int] = field(default_factory=dict)
+    # wall-clock time (epoch seconds) each point was reached: "archived", "filtered"
+    marks: dict[str, float] = field(default_factory=dict)
     # results stream: the outbox records of the batch's alerts, published by the consumer
     messages: list[ResultMessage] = field(default_factory=list)
 
@@ -83,8 +90,10 @@ class BatchReport:
         kind: type = type(self)  # a class is hashable (the dataclass's instances are not)
         for name in _counters(kind):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for stage, seconds in other.seconds.items():
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        _add_into(self.seconds, other.seconds)
+        _add_into(self.passes_by_filter, other.passes_by_filter)
+        _add_into(self.failures_by_filter, other.failures_by_filter)
+        _add_into(self.commands, other.commands)
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -95,6 +104,16 @@ class BatchReport:
         finally:
             elapsed = time.perf_counter() - start
             self.seconds[stage] = self.seconds.get(stage, 0.0) + elapsed
+
+
+Key = TypeVar("Key")
+Amount = TypeVar("Amount", int, float)
+
+
+def _add_into(mine: dict[Key, Amount], theirs: dict[Key, Amount]) -> None:
+    """Add `theirs`' amounts to `mine`, key by key."""
+    for key, amount in theirs.items():
+        mine[key] = mine[key] + amount if key in mine else amount
 
 
 @functools.cache
@@ -284,6 +303,8 @@ class Pipeline:
         report.passed = sum(len(v) for v in results.passed.values())
         report.filter_failures += results.failures
         report.filter_retries += results.retries
+        report.passes_by_filter = results.passes_by_filter()
+        report.failures_by_filter = dict(results.failures_by_filter)
         return results.passed
 
     async def complete(
@@ -308,7 +329,9 @@ class Pipeline:
         if fresh:
             parts = await self.prepare(survey, fresh, report)
             await self.store(survey, parts, report)
+            report.marks["archived"] = time.time()
             passed = await self.filter(survey, parts, report)
+            report.marks["filtered"] = time.time()
             await self.complete(survey, parts, passed, report)
         with report.timed("results"):  # new or completed before: a re-delivered batch publishes
             candids = [shapes.detection_id(survey, r) for _, r in decoded]

@@ -55,13 +55,13 @@ DEAD_LETTERED = Counter(
 )
 PASSES = Counter(
     "kowalski_filter_passes",
-    "Alerts that passed a user filter (one per filter), per survey",
-    ["survey"],
+    "Alerts that passed a user filter, per survey and filter",
+    ["survey", "filter_id"],
 )
 FILTER_FAILURES = Counter(
     "kowalski_filter_failures",
-    "Filter runs that failed after their retries, per survey",
-    ["survey"],
+    "(filter, alert) runs that failed after their retries, per survey and filter",
+    ["survey", "filter_id"],
 )
 ML_FAILURES = Counter("kowalski_ml_failures", "Alerts the ML stage could not score", ["survey"])
 XMATCH_FAILURES = Counter(
@@ -82,10 +82,16 @@ STAGE_SECONDS = Histogram(
 )
 ALERT_LATENCY = Histogram(
     "kowalski_alert_latency_seconds",
-    "From the alert's Kafka message timestamp to its batch being done (archived, filtered, "
-    "handed off, results committed), per survey",
-    ["survey"],
+    "From the alert's Kafka message timestamp to a point of its batch: archived (alert and "
+    "history stored), filtered (every filter run, its passes known), done (handed off, results "
+    "committed), per survey",
+    ["survey", "point"],
     buckets=LATENCY_BUCKETS,
+)
+DB_COMMANDS = Counter(
+    "kowalski_db_commands",
+    "Database commands (one round trip each) the pipeline's batches sent, per survey and command",
+    ["survey", "command"],
 )
 CONSUMER_LAG = Gauge(
     "kowalski_kafka_consumer_lag",
@@ -106,6 +112,13 @@ SKYPORTAL_DELIVERIES = Counter(
     "kowalski_skyportal_deliveries",
     "SkyPortal outbox entries by outcome (delivered, refused, retried)",
     ["outcome"],
+)
+SKYPORTAL_POST_LATENCY = Histogram(
+    "kowalski_skyportal_post_latency_seconds",
+    "From a SkyPortal outbox entry being queued (its batch's filters run) to SkyPortal accepting "
+    "it, per survey and kind (candidate, photometry, ...)",
+    ["survey", "kind"],
+    buckets=LATENCY_BUCKETS,
 )
 
 
@@ -188,17 +201,22 @@ def record_batch(survey: str, report: Any, kafka_timestamps_ms: Iterable[int]) -
     ARCHIVED.labels(survey).inc(report.stored)
     DUPLICATES.labels(survey).inc(report.duplicates)
     DEAD_LETTERED.labels(survey).inc(report.dead_letters)
-    PASSES.labels(survey).inc(report.passed)
-    FILTER_FAILURES.labels(survey).inc(report.filter_failures)
+    for filter_id, passes in report.passes_by_filter.items():
+        PASSES.labels(survey, str(filter_id)).inc(passes)
+    for filter_id, failures in report.failures_by_filter.items():
+        FILTER_FAILURES.labels(survey, str(filter_id)).inc(failures)
+    for command, count in report.commands.items():
+        DB_COMMANDS.labels(survey, command).inc(count)
     ML_FAILURES.labels(survey).inc(report.ml_failures)
     XMATCH_FAILURES.labels(survey).inc(report.xmatch_failures)
     BATCH_SIZE.labels(survey).observe(report.received)
     for stage, seconds in report.seconds.items():
         STAGE_SECONDS.labels(survey, stage).observe(seconds)
-    now_ms = time.time() * 1000
+    points = {**report.marks, "done": time.time()}
     for stamp in kafka_timestamps_ms:
         if stamp > 0:
-            ALERT_LATENCY.labels(survey).observe(max(0.0, (now_ms - stamp) / 1000))
+            for point, at in points.items():
+                ALERT_LATENCY.labels(survey, point).observe(max(0.0, at - stamp / 1000))
     RATES.add(survey, report.received)
 
 

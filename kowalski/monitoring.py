@@ -24,10 +24,13 @@ from pymongo import monitoring
 
 
 class CommandCounter(monitoring.CommandListener):
-    """Counts started commands by "name collection", and the bytes of the commands sent and of
-    the replies received; thread-safe (drivers call it from several threads)."""
+    """Counts started commands by "name collection", and (`measure_bytes`) the bytes of the
+    commands sent and of the replies received; thread-safe (drivers call it from several
+    threads). Without bytes it costs a dictionary update per command: the ingester's workers
+    give each database client one to count its batches' round trips (`take`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, measure_bytes: bool = True) -> None:
+        self.measure_bytes = measure_bytes
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self.sent: Counter[str] = Counter()
@@ -40,6 +43,10 @@ class CommandCounter(monitoring.CommandListener):
         if not isinstance(target, str):  # getMore names its cursor; the collection is apart
             target = event.command.get("collection", "")
         key = f"{name} {target}".rstrip()
+        if not self.measure_bytes:
+            with self._lock:
+                self.counts[key] += 1
+            return
         size = len(bson.encode(event.command))
         with self._lock:
             self.counts[key] += 1
@@ -47,6 +54,8 @@ class CommandCounter(monitoring.CommandListener):
             self._open[(event.connection_id, event.request_id)] = key
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        if not self.measure_bytes:
+            return
         size = len(bson.encode(event.reply))
         with self._lock:
             key = self._open.pop((event.connection_id, event.request_id), event.command_name)
@@ -59,6 +68,12 @@ class CommandCounter(monitoring.CommandListener):
     def copy(self) -> dict[str, int]:
         with self._lock:
             return dict(self.counts)
+
+    def take(self) -> dict[str, int]:
+        """The counts by command name since the last `take`, which clears them."""
+        with self._lock:
+            counts, self.counts = self.counts, Counter()
+        return by_command(counts)
 
     def copy_bytes(self) -> dict[str, list[int]]:
         """{"name collection": [bytes sent, bytes received]}."""

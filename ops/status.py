@@ -41,7 +41,11 @@ def samples(text: str) -> Samples:
 
 
 def by_survey(found: Samples, name: str) -> dict[str, float]:
-    return {labels.get("survey", ""): value for labels, value in found.get(name, [])}
+    """`name`'s samples summed per survey (over its other labels, e.g. filter_id)."""
+    out: dict[str, float] = defaultdict(float)
+    for labels, value in found.get(name, []):
+        out[labels.get("survey", "")] += value
+    return dict(out)
 
 
 def readiness(name: str, url: str) -> str:

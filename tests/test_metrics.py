@@ -120,14 +120,27 @@ def test_ingester_endpoint_counts_a_replay(
             running.join(timeout=120)
         after = scrape()
 
-        def moved(name: str) -> float:
-            return value(after, name, survey="ZTF") - value(before, name, survey="ZTF")
+        def moved(name: str, **labels: str) -> float:
+            return value(after, name, survey="ZTF", **labels) - value(
+                before, name, survey="ZTF", **labels
+            )
 
         assert moved("kowalski_alerts_consumed_total") == len(packets) == 38
         assert moved("kowalski_alerts_archived_total") == 38
         assert moved("kowalski_alerts_dead_lettered_total") == 0
-        assert moved("kowalski_filter_passes_total") == 38  # the filter passes everything
-        assert moved("kowalski_alert_latency_seconds_count") == 38
+        # the filter passes everything, counted per filter
+        assert moved("kowalski_filter_passes_total", filter_id="1") == 38
+        assert moved("kowalski_filter_failures_total") == 0
+        # latency to each point of the batch, each alert once per point, in the batch's order
+        latency = "kowalski_alert_latency_seconds"
+        points = ("archived", "filtered", "done")
+        assert [moved(f"{latency}_count", point=p) for p in points] == [38, 38, 38]
+        sums = [moved(f"{latency}_sum", point=p) for p in points]
+        assert 0 < sums[0] <= sums[1] <= sums[2], sums
+        # round trips: every batch (at least 3 of at most 16 alerts) inserts its alerts and runs
+        # the filters in one aggregation
+        assert moved("kowalski_db_commands_total", command="insert") >= 3
+        assert moved("kowalski_db_commands_total", command="aggregate") >= 3
         assert moved("kowalski_stage_seconds_count") > 0
         assert value(after, "kowalski_alerts_per_second", survey="ZTF") > 0
         assert value(after, "kowalski_dask_workers") >= 1

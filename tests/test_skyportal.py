@@ -10,12 +10,14 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from distributed import Client
+from prometheus_client import REGISTRY
 from pymongo import MongoClient
 from pymongo.database import Database
 
@@ -238,6 +240,12 @@ def test_a_survey_skyportal_cannot_take_waits_with_one_line(
 # ------------------------------------------------------------------------------ new candidate
 
 
+def posted(kind: str) -> float:
+    """Observations of the SkyPortal post latency of ZTF entries of `kind` in this process."""
+    labels = {"survey": "ZTF", "kind": kind}
+    return REGISTRY.get_sample_value("kowalski_skyportal_post_latency_seconds_count", labels) or 0.0
+
+
 def test_new_candidate_exact_sequence_and_bodies(
     feed: FeedMaker, kafka_bootstrap: str, dask_client: Client, skyportal: FakeSkyPortal
 ) -> None:
@@ -253,7 +261,11 @@ def test_new_candidate_exact_sequence_and_bodies(
     ingest(cfg, dask_client, kafka_bootstrap, [FP_PACKET], setup)
     assert skyportal.writes() == []  # nothing is sent from the batch itself
     assert db.skyportal_outbox.count_documents({"state": "pending"}) == 9
+    kinds = Counter(e["kind"] for e in db.skyportal_outbox.find({"state": "pending"}))
+    before = {kind: posted(kind) for kind in kinds}
     deliver(cfg, db, setup)
+    # each accepted entry's wait, queued to accepted, is observed once, by kind
+    assert {kind: posted(kind) - before[kind] for kind in kinds} == dict(kinds)
 
     obj = "ZTF23abjjnqm"
     assert sequence(skyportal) == [

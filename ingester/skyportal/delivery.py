@@ -259,8 +259,13 @@ class Delivery:
         except asyncio.CancelledError:  # shutting down: release the lease at once
             await self._finish(entry, {})
             raise
+        done_at = utcnow()
+        if isinstance(entry.get("created_at"), dt.datetime):  # observed before it shows done
+            waited = (done_at - entry["created_at"]).total_seconds()
+            labels = (str(entry.get("survey", "")), str(entry["kind"]))
+            metrics.SKYPORTAL_POST_LATENCY.labels(*labels).observe(max(0.0, waited))
         await self._finish(
-            entry, {"state": DONE, "attempts": attempts, "done_at": utcnow(), "result": result}
+            entry, {"state": DONE, "attempts": attempts, "done_at": done_at, "result": result}
         )
         self.report.delivered += 1
         metrics.SKYPORTAL_DELIVERIES.labels("delivered").inc()
