@@ -204,9 +204,13 @@ class FilterResults:
     """The filter stage's answer for a batch."""
 
     passed: dict[int, list[Doc]] = field(default_factory=dict)  # candid -> passed filter entries
-    failures: int = 0  # (filter, alert) pairs recorded failed
     retries: int = 0  # failed attempts that were retried (smaller or later)
     failures_by_filter: dict[int, int] = field(default_factory=dict)  # filter_id -> failures
+
+    @property
+    def failures(self) -> int:
+        """(filter, alert) pairs recorded failed."""
+        return sum(self.failures_by_filter.values())
 
     def passes_by_filter(self) -> dict[int, int]:
         """filter_id -> the batch's alerts that passed it."""
@@ -351,7 +355,6 @@ async def run_filters(
         outcome = await run_resilient(db, cfg, template, batch, together.get(i))
         skip = {c for f, v, c in recorded if (f, v) == (template.filter_id, template.fid)}
         runs.extend(_run_records(template, outcome, batch, skip))
-        results.failures += len(outcome.failed)
         results.retries += outcome.retries
         if outcome.failed:
             failures = results.failures_by_filter
