@@ -95,8 +95,11 @@ def wait_for_ingester(cfg: Config, ingester: subprocess.Popen[bytes], log: Path)
     made), so that `status` right after `up` finds it. An ingester that exits meanwhile is an
     error; an endpoint that never answers (its port taken, or `ingester.metrics_port: 0`) is said
     in one line and is not fatal: the endpoint is optional."""
+    if not cfg.ingester.metrics_port:
+        say(f"ingester running, no endpoint (ingester.metrics_port: 0; logs: {log})")
+        return
     url = f"{ingester_url(cfg)}/healthz"
-    if cfg.ingester.metrics_port and wait_until(
+    if wait_until(
         lambda: answers(url), ingester, INGESTER_START_S, "the ingester", log, required=False
     ):
         say(f"ingester running (endpoint {ingester_url(cfg)}, logs: {log})")
